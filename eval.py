@@ -1,0 +1,595 @@
+"""
+Evaluate hybrids beside their teacher: held-out perplexity and KL to the teacher, a synthetic long-context recall
+suite, and the speed and memory of decoding, for several checkpoints in one run and one table.
+
+The paper's claim is about long-context recall (RULER, needle-in-a-haystack), where hybrids that keep different
+softmax layers differ most; short tasks barely move. The hybrid's selling point, a fixed-size GLA state instead of a
+growing KV cache, the paper never measured: here prefill, decode and cache are measured for teacher and hybrids in
+the same run, and every student number has the teacher's beside it.
+
+    ppl = exp(mean_t -log q(x_t+1 | x_<=t))      KL = mean_t sum_v p(v | x_<=t) (log p - log q)   (p teacher, q student)
+    on windows of --ppl_seq_len tokens of the valid split (data.py's valid.bin).
+
+Recall (RULER-style, generated here with the teacher's tokenizer, the same prompts for every model): each prompt is
+trimmed by tokens to the requested length (template and chat format included), the model answers greedily after an
+answer prefix, and a prompt scores the fraction of its expected answers found in the output as whole words (RULER's
+string_match_all: 0 or 1 for one-answer tasks, k/4 for four-answer ones).
+    niah_single      "One of the special magic numbers for <key> is: <7 digits>." in a haystack
+    niah_multikey    the same with 3 distractor needles of other keys
+    niah_multivalue  4 numbers for one key, all asked
+    niah_multiquery  4 keys with a number each, all asked at once
+    vt               variable tracking: VAR A = 12345, VAR B = VAR A, ... (4 hops); which variables equal 12345?
+    mqar             multi-query associative recall: the whole context is "key: value" lines; 4 keys asked
+Depth (swept over --depths) is where the first needle / assignment / asked pair sits; the others are at random places.
+The haystack is RULER's repeated "The grass is green. ..." or the text of --haystack.
+
+Speed (GPU, bf16 weights; CPU only with --speed=on): the path of model.generate, new_cache then forward with it.
+Prefill of T random tokens (chunked GLA kernel; masked SDPA for attention), then --decode_tokens greedy steps (KV
+cache for attention layers, recurrent GLA state); cache bytes = the tensors of new_cache(B, T + decode_tokens) (KV
+buffers of the attention layers + fp32 GLA states); peak = torch.cuda.max_memory_allocated during decode.
+
+Reads  the run's final checkpoints (out/<run>/finetune, else distill, plus distill_*/finetune_*) or --models=a,b;
+       the teacher named in their config; out/<run>/data/valid.bin.
+Writes out/<run>/eval/eval.json (every number and the settings); recall.png, niah_depth.png, speed.png (matplotlib).
+
+    python eval.py --run=tiny --lengths=256 --n=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 --speed_batch=2
+    python eval.py --run=smollm2                                  # one GPU: all checkpoints of the run + the teacher
+"""
+
+import gc
+import glob
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from itertools import groupby
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from common import autocast, inherit, kl_div_chunked, parse_args, pick_device, print_config, write_json
+from model import from_pretrained, generate, load_checkpoint
+from tokenizer import load_tokenizer
+
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "mqar")
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+ADJECTIVES = ("able acid angry brave bright calm clever cold curly damp dark eager early fair fancy fast fierce flat "
+              "fresh gentle giant glad golden grand happy heavy hollow honest huge icy jolly kind large late lazy "
+              "loud lucky magic mellow mighty misty modern narrow noble odd old pale plain polite proud quick quiet "
+              "rapid rare rich rough royal rusty sharp shiny silent silver sleepy slow small smooth soft solid sour "
+              "spicy steady stormy strange sunny sweet swift tall tame tidy tiny wild windy wise young").split()
+NOUNS = ("apple badge basket beach bell bird blanket boat bottle bridge brush bucket button cabin camera candle "
+         "castle cave chair cloud coat comet desk dragon drum eagle engine feather fence flute forest fox garden "
+         "ghost glove hammer harbor helmet island jacket jungle kettle kite ladder lamp lemon lion mango meadow "
+         "mirror monkey needle ocean otter owl palace panda pencil pepper piano pillow planet pocket pony rabbit "
+         "river robot rocket saddle shadow shell spoon statue tiger tower train tulip valley violin wagon whale "
+         "window wizard").split()
+KEYS = [f"{a}-{n}" for a in ADJECTIVES for n in NOUNS]
+
+
+@dataclass
+class Config:
+    run: str = "smollm2"            # run name: reads <out_dir>/<run>/*, writes <out_dir>/<run>/eval/
+    out_dir: str = "out"            # root of all runs
+    models: str = ""                # comma-separated ckpt.pt paths; "" = the run's final checkpoints
+    teacher: str = ""               # teacher source; "" = inherited from the checkpoints ("" there = SmolLM2)
+    data_dir: str = ""              # token files of data.py; "" = <out_dir>/<run>/data
+    ppl_seq_len: int = 1024         # window length for perplexity and KL
+    ppl_windows: int = 64           # windows of the valid split (0 = all)
+    batch_size: int = 8             # windows per forward (ppl/KL); prompts per generate call (recall)
+    tasks: str = ",".join(TASKS)    # recall tasks
+    lengths: str = "1024,2048,4096"  # recall prompt lengths in tokens (at most the teacher's max_position_embeddings)
+    depths: str = "0,0.25,0.5,0.75,1"  # needle depths, cycled over the n prompts of a cell
+    n: int = 20                     # prompts per task x length
+    seed: int = 0                   # seed of the prompts (two runs see the same prompts)
+    haystack: str = ""              # text file for the haystack; "" = RULER's repeated filler sentences
+    speed: str = "auto"             # auto (on with a GPU, off on CPU) | on | off
+    speed_lengths: str = "1024,2048,4096,8192,16384,32768"  # prefill lengths for the speed/memory runs
+    speed_batch: int = 8            # the larger batch of the speed runs (batch 1 always runs)
+    decode_tokens: int = 64         # decode steps timed after the prefill
+    device: str = ""                # "" = cuda if available else cpu
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+_HAYSTACK = {}  # (id(tok), haystack) -> (tok, token ids): the haystack is encoded once per tokenizer
+_PROMPTS = {}   # make_prompts results by arguments: select_layers.py asks for the same prompts once per layer
+
+
+def _haystack_ids(tok, haystack, n):
+    """At least n token ids of the haystack text (the file repeated, or the filler sentences repeated)."""
+    key = (id(tok), haystack)
+    if key not in _HAYSTACK or _HAYSTACK[key][0] is not tok or len(_HAYSTACK[key][1]) < n:
+        text = open(haystack, encoding="utf-8").read().strip() if haystack else FILLER
+        reps = n // max(len(tok.encode(text)), 1) + 2
+        _HAYSTACK[key] = (tok, tok.encode((" " if haystack == "" else "\n").join([text] * reps)))
+    return _HAYSTACK[key][1]
+
+
+def _insert(text, needles):
+    """Put each (position in [0, 1], sentence) into text at the sentence boundary nearest the position, in order."""
+    bounds = [0] + [m.end() for m in re.finditer(r"[.!?]\s+|\n", text)] + [len(text)]
+    nearest = lambda x: min(bounds, key=lambda b: abs(b - x))
+    out, prev = [], 0
+    for pos, _, needle in sorted((nearest(f * len(text)), i, s) for i, (f, s) in enumerate(needles)):
+        space = "" if pos == 0 or text[pos - 1].isspace() else " "
+        out += [text[prev:pos], space + needle + " "]
+        prev = pos
+    return "".join(out) + text[prev:]
+
+
+def _and(words):
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _task(task, tok, rng, depth, length, haystack):
+    """One prompt's content as build(m) -> (message, answer prefix, answers), m = haystack (or pairs) tokens."""
+    number = lambda digits: str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+    hay = lambda m: tok.decode(_haystack_ids(tok, haystack, m)[:m])
+    if task.startswith("niah_"):
+        n_keys, n_values = {"niah_single": (1, 1), "niah_multikey": (4, 1), "niah_multivalue": (1, 4),
+                            "niah_multiquery": (4, 1)}[task]
+        keys = rng.sample(KEYS, n_keys)
+        values = [[number(7) for _ in range(n_values)] for _ in keys]
+        needles = [f"One of the special magic numbers for {k} is: {v}." for k, vs in zip(keys, values) for v in vs]
+        fracs = [depth] + [rng.random() for _ in needles[1:]]
+        asked = keys if task == "niah_multiquery" else keys[:1]
+        answers = [vs[0] for vs in values] if task == "niah_multiquery" else values[0]
+        many = len(answers) > 1
+        instruction = ("Some special magic numbers are hidden within the following text. Make sure to memorize "
+                       "them. I will quiz you about the numbers afterwards.")
+        question = (f"What {'are all the special magic numbers' if many else 'is the special magic number'} for "
+                    f"{_and(asked)} mentioned in the provided text?")
+        prefix = (f"The special magic number{'s' if many else ''} for {_and(asked)} mentioned in the provided text "
+                  f"{'are' if many else 'is'}:")
+        return lambda m: (f"{instruction}\n{_insert(hay(m), list(zip(fracs, needles)))}\n{question}", prefix, answers)
+    if task == "vt":
+        names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(5)]
+        value = number(5)
+        needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        fracs = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in names[1:])
+        instruction = "Memorize and track the chain of variable assignments hidden in the following text."
+        question = f"Question: Find all variables that are assigned the value {value} in the text above."
+        prefix = (f"Answer: According to the chain of variable assignments in the text above, {len(names)} "
+                  f"variables are assigned the value {value}, they are:")
+        return lambda m: (f"{instruction}\n{_insert(hay(m), list(zip(fracs, needles)))}\n{question}", prefix, names)
+    if task == "mqar":
+        # The whole context is key: value lines; m tokens hold as many whole lines as fit.
+        lines = [f"{k}: {number(4)}" for k in rng.sample(KEYS, min(len(KEYS), length // 4))]
+        cum = np.cumsum([len(tok.encode(line + "\n")) for line in lines])
+        extra = [rng.random() for _ in range(16)]
+        instruction = "Memorize the following key-value pairs. I will ask you for the values of some keys afterwards."
+
+        def build(m):
+            P = max(int(np.searchsorted(cum, m, side="right")), 1)
+            picks = [round(depth * (P - 1))]
+            for u in extra:
+                if len(picks) < min(4, P) and int(u * P) not in picks:
+                    picks.append(int(u * P))
+            asked = [lines[i].split(": ") for i in picks]
+            what = _and([k for k, _ in asked])
+            message = f"{instruction}\n" + "\n".join(lines[:P]) + f"\nWhat are the values of the keys {what}?"
+            return message, f"The values of the keys {what} are:", [v for _, v in asked]
+        return build
+    raise ValueError(f"unknown recall task {task!r}; tasks: {', '.join(TASKS)}")
+
+
+def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
+    """n prompts of `task`, each `length` tokens long (or a few less): [{prompt, answers, depth, n_tokens}].
+
+    The prompt is the chat-formatted message (tok.chat, when the tokenizer has a chat format) plus an answer prefix,
+    so the next tokens the model writes are the answer. The haystack is trimmed by tokens: m haystack tokens are
+    adjusted by the gap to the target (m += length - tokens) until the prompt hits it; seeded by (task, length, seed)."""
+    args = (id(tok), task, length, n, seed, tuple(depths), haystack)
+    if args in _PROMPTS and _PROMPTS[args][0] is tok:
+        return _PROMPTS[args][1]
+    rng = random.Random(f"{task}/{length}/{seed}")
+    wrap = (lambda msg: tok.chat(msg)) if tok.is_chat else (lambda msg: msg + "\n")
+    prompts, m = [], length
+    for i in range(n):
+        depth = float(depths[i % len(depths)])
+        build = _task(task, tok, rng, depth, length, haystack)
+        best, tried = None, set()
+        while m not in tried and len(tried) < 12:
+            tried.add(m)
+            message, prefix, answers = build(m)
+            prompt = wrap(message) + prefix
+            t = len(tok.encode(prompt))
+            if t <= length and (best is None or t > best["n_tokens"]):
+                best = dict(prompt=prompt, answers=answers, depth=depth, n_tokens=t)
+            if t == length:
+                break
+            m = max(m + length - t, 0)
+        if best is None:
+            raise ValueError(f"{task}: {length} tokens is too short for its instructions and needles "
+                             f"({t} tokens with a haystack of {m}); use a longer length")
+        prompts.append(best)
+    _PROMPTS[args] = (tok, prompts)
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+def answer_score(output, answers):
+    """Fraction of answers found in output as whole words (case and whitespace normalised)."""
+    text = " ".join(output.lower().split())
+    found = [re.search(rf"(?<![0-9a-z]){re.escape(' '.join(a.lower().split()))}(?![0-9a-z])", text) for a in answers]
+    return sum(f is not None for f in found) / len(answers)
+
+
+def score_task(generate_fn, prompts):
+    """generate_fn(list of prompt dicts) -> list of output strings; returns {acc, scores, outputs, by_depth}."""
+    outputs = generate_fn(prompts)
+    scores = [answer_score(o, p["answers"]) for o, p in zip(outputs, prompts)]
+    by_depth = {}
+    for p, s in zip(prompts, scores):
+        by_depth.setdefault(str(p["depth"]), []).append(s)
+    return dict(acc=sum(scores) / len(scores), scores=scores, outputs=outputs,
+                by_depth={d: sum(v) / len(v) for d, v in by_depth.items()})
+
+
+def make_generate_fn(model, tok, device, batch_size=8):
+    """The greedy answers of `model`: prompts of equal token length share a generate call (no padding needed)."""
+    # a chat model ends its turn with its end-of-turn token (Llama-3's <|eot_id|>), which need not be eos_id
+    stops = getattr(tok, "stop_ids", None) or [tok.eos_id]
+
+    @torch.no_grad()
+    def generate_fn(prompts):
+        ids = [tok.encode(p["prompt"]) for p in prompts]
+        if getattr(tok, "add_bos", False) and tok.bos_id is not None:  # a base model trained with BOS first
+            ids = [i if i[:1] == [tok.bos_id] else [tok.bos_id] + i for i in ids]
+        outputs = [""] * len(prompts)
+        for T, group in groupby(sorted(range(len(ids)), key=lambda i: len(ids[i])), key=lambda i: len(ids[i])):
+            group = list(group)
+            for s in range(0, len(group), batch_size):
+                rows = group[s:s + batch_size]
+                # room for the answers written out with separators, and a little more
+                new = max(len(tok.encode(" " + ", ".join(prompts[i]["answers"]))) for i in rows) + 8
+                with autocast(device):
+                    y = generate(model, torch.tensor([ids[i] for i in rows], device=device), new, eos_id=stops[-1])
+                for i, row in zip(rows, y[:, T:].tolist()):
+                    end = min([row.index(t) for t in stops if t in row], default=len(row))
+                    outputs[i] = tok.decode(row[:end])
+        return outputs
+    return generate_fn
+
+
+def recall_accuracy(model, tok, task="mqar", length=512, n=20, seed=0, device="cpu"):
+    """Mean score of `model` on n prompts of one recall task (select_layers.py's ablation uses it)."""
+    prompts = make_prompts(task, tok, length, n, seed)
+    return score_task(make_generate_fn(model, tok, device), prompts)["acc"]
+
+
+# ------------------------------------------------------------------------------------------- quality and speed
+
+@torch.no_grad()
+def quality(model, teacher, valid, cfg, device):
+    """(perplexity, KL(teacher || model) per token, tokens scored) on consecutive windows of the valid split."""
+    T = cfg.ppl_seq_len
+    n_win = (len(valid) - 1) // T if not cfg.ppl_windows else min(cfg.ppl_windows, (len(valid) - 1) // T)
+    if n_win == 0:
+        raise ValueError(f"the valid split has {len(valid)} tokens, fewer than --ppl_seq_len+1 = {T + 1}")
+    nll = kl = 0.0
+    W, Wt = model.lm_head.weight.detach().float(), teacher.lm_head.weight.detach().float()
+    for s in range(0, n_win, cfg.batch_size):
+        xy = np.stack([valid[i * T:i * T + T + 1] for i in range(s, min(s + cfg.batch_size, n_win))])
+        xy = torch.from_numpy(xy.astype(np.int64)).to(device)
+        with autocast(device):
+            h = model(xy[:, :-1], return_hidden=True).flatten(0, 1).float()
+        y = xy[:, 1:].flatten()
+        for i in range(0, len(h), 4096):  # row chunks: no [B*T, vocab] fp32 logits
+            nll += F.cross_entropy(h[i:i + 4096] @ W.t(), y[i:i + 4096], reduction="sum").item()
+        if model is not teacher:
+            with autocast(device):
+                ht = teacher(xy[:, :-1], return_hidden=True).flatten(0, 1).float()
+            kl += kl_div_chunked(h, W, ht, Wt).item() * len(h)
+    return math.exp(nll / (n_win * T)), kl / (n_win * T), n_win * T
+
+
+def free(cuda):
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def cache_bytes(cache, mixers):
+    """Bytes of the decoding state by kind: KV buffers of attention layers, fp32 states of GLA layers."""
+    out = {"attn": 0, "gla": 0}
+    for kind, entry in zip(mixers, cache):
+        out[kind] += sum(v.untyped_storage().nbytes() for v in entry.values() if torch.is_tensor(v))
+    return out
+
+
+@torch.no_grad()
+def bench(model, lengths, batches, n_decode, device):
+    """Prefill and decode timings and memory for each batch x length; a length that runs out of memory ends that
+    batch's sweep (the longer ones are marked skipped)."""
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    head = model.lm_head.weight
+
+    def one(B, T, steps):
+        idx = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
+        cache = model.new_cache(B, T + steps)
+        sync()
+        t0 = time.perf_counter()
+        # the hidden state, not the logits: B x T x vocab logits at 32K would dwarf the cache being measured
+        nxt = (model(idx, cache=cache, return_hidden=True)[:, -1:] @ head.t()).argmax(-1)
+        sync()
+        t1 = time.perf_counter()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            nxt = model(nxt, cache=cache)[:, -1:].argmax(-1)
+        sync()
+        t2 = time.perf_counter()
+        kinds = cache_bytes(cache, model.config.mixers)
+        return dict(batch=B, length=T, status="ok", prefill_s=t1 - t0, prefill_tok_s=B * T / (t1 - t0),
+                    decode_tok_s=B * steps / (t2 - t1), decode_ms_per_step=1000 * (t2 - t1) / steps,
+                    cache_bytes=kinds["attn"] + kinds["gla"], kv_bytes=kinds["attn"], gla_state_bytes=kinds["gla"],
+                    peak_decode_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+                    beyond_max_pos=T + steps > model.config.max_position_embeddings)
+
+    rows, fits = [], {B: True for B in batches}
+    for B in batches:
+        for T in sorted(lengths):
+            r = dict(batch=B, length=T, status="skipped (oom at a shorter length)")
+            if fits[B]:
+                try:
+                    one(B, T, 2)  # warm-up at this shape: Triton compiles, cuBLAS/SDPA pick kernels, untimed
+                    r = one(B, T, n_decode)
+                except (torch.cuda.OutOfMemoryError, MemoryError):
+                    r, fits[B] = dict(batch=B, length=T, status="oom"), False
+            rows.append(r)
+            free(cuda)
+            print(f"  B={B} T={T}: " + (r["status"] if r["status"] != "ok" else
+                  f"prefill {r['prefill_s'] * 1000:.0f}ms | decode {r['decode_tok_s']:.0f} tok/s | cache "
+                  f"{r['cache_bytes'] / 2**20:.1f}MB" + " | past max_position_embeddings" * r["beyond_max_pos"]),
+                  flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+def default_checkpoints(run_dir):
+    """The run's final checkpoint (finetune, else distill) and any side-by-side hybrids (distill_*, finetune_*)."""
+    final = [p for p in (f"{run_dir}/finetune/ckpt.pt", f"{run_dir}/distill/ckpt.pt") if os.path.exists(p)][:1]
+    return final + sorted(glob.glob(f"{run_dir}/distill_*/ckpt.pt") + glob.glob(f"{run_dir}/finetune_*/ckpt.pt"))
+
+
+def summarize(models, batches):
+    """Rows of the printed table: {row label: {model: number or None}} (the teacher's speed numbers are absolute)."""
+    rows = {}
+    add = lambda label, f: rows.__setitem__(label, {n: f(m) for n, m in models.items()})
+    add("softmax layers", lambda m: f"{m['mixers'].count('attn')}/{len(m['mixers'])}")
+    add("ppl", lambda m: m.get("ppl"))
+    add("KL to teacher", lambda m: m.get("kl"))
+    if all(m.get("recall") for m in models.values()):
+        first = next(iter(models.values()))["recall"]
+        add("recall avg", lambda m: m["recall"]["avg"])
+        for t in first["by_task"]:
+            add(f"  {t}", lambda m, t=t: m["recall"]["by_task"][t])
+        for L in first["by_length"]:
+            add(f"  @{L}", lambda m, L=L: m["recall"]["by_length"][L])
+    for B in batches if all(m.get("speed") for m in models.values()) else []:
+        ok = [{r["length"] for r in m["speed"] if r["batch"] == B and r["status"] == "ok"} for m in models.values()]
+        if not set.intersection(*ok):
+            continue
+        T = max(set.intersection(*ok))
+        at = lambda m, key: next(r[key] for r in m["speed"] if r["batch"] == B and r["length"] == T)
+        add(f"decode tok/s B={B} T={T}", lambda m: at(m, "decode_tok_s"))
+        add(f"  B={B} decode speed-up", lambda m: at(m, "vs_teacher")["decode_speedup"])
+        add(f"  B={B} prefill speed-up", lambda m: at(m, "vs_teacher")["prefill_speedup"])
+        add(f"  B={B} cache MB", lambda m: at(m, "cache_bytes") / 2**20)
+        add(f"  B={B} cache / teacher's", lambda m: at(m, "vs_teacher")["cache_ratio"])
+        if at(next(iter(models.values())), "peak_decode_bytes") is not None:
+            add(f"  B={B} peak decode MB", lambda m: at(m, "peak_decode_bytes") / 2**20)
+    return rows
+
+
+def print_table(rows, names):
+    width = max(12, *(len(n) + 2 for n in names))
+    fmt = lambda v: "-" if v is None else v if isinstance(v, str) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    print(f"{'':28}" + "".join(f"{n:>{width}}" for n in names))
+    for label, cells in rows.items():
+        print(f"{label:28}" + "".join(f"{fmt(cells[n]):>{width}}" for n in names))
+
+
+def plot(models, batches, out):
+    """recall.png (accuracy vs length, per task), niah_depth.png (depth x length), speed.png; needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    rec = {n: m["recall"] for n, m in models.items() if m.get("recall")}
+    heat = {n: r["by_depth"]["niah_single"] for n, r in rec.items() if "niah_single" in r["by_depth"]}
+    spd = {n: m["speed"] for n, m in models.items() if m.get("speed")}
+    figs = {}
+
+    def context_axis(ax, lengths):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("context (tokens)")
+    if rec:
+        panels = list(next(iter(rec.values()))["by_task_length"]) + ["average"]
+        fig, axes = figs["recall.png"] = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3), sharey=True,
+                                                      layout="constrained")
+        for ax, task in zip(axes, panels):
+            for n, r in rec.items():
+                cells = r["by_length"] if task == "average" else r["by_task_length"][task]
+                ax.plot([int(L) for L in cells], list(cells.values()), marker="o", label=n)
+            context_axis(ax, [int(L) for L in cells])
+            ax.set(title=task, ylim=(-0.05, 1.05))
+        axes[0].set_ylabel("accuracy")
+        axes[-1].legend(fontsize=7)
+    if heat:
+        fig, axes = figs["niah_depth.png"] = plt.subplots(1, len(heat), figsize=(3 * len(heat) + 1, 3), sharey=True,
+                                                          squeeze=False, layout="constrained")
+        for ax, (n, cells) in zip(axes[0], heat.items()):
+            depths = sorted({d for c in cells.values() for d in c}, key=float)
+            grid = np.array([[cells[L].get(d, np.nan) for L in cells] for d in depths])
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for (y, x), v in np.ndenumerate(grid):
+                ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(cells)), list(cells))
+            ax.set_yticks(range(len(depths)), depths)
+            ax.set(title=f"{n}: niah_single", xlabel="context (tokens)")
+        axes[0][0].set_ylabel("needle depth")
+        fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+    if spd:
+        fig, axes = figs["speed.png"] = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
+        for c, (n, rows) in enumerate(spd.items()):
+            for B, style in zip(batches, ("-", "--")):
+                ok = [r for r in rows if r["batch"] == B and r["status"] == "ok"]
+                for ax, key, scale in zip(axes, ("decode_tok_s", "prefill_s", "cache_bytes"), (1, 1, 2**-20)):
+                    ax.plot([r["length"] for r in ok], [r[key] * scale for r in ok], style, marker="o",
+                            color=f"C{c}", label=f"{n} B={B}")
+        for ax, label in zip(axes, ("decode tokens/s", "prefill seconds", "cache MB (KV + GLA state)")):
+            context_axis(ax, sorted({r["length"] for rows in spd.values() for r in rows}))
+            ax.set(yscale="log", ylabel=label)
+        axes[0].legend(fontsize=7)
+    for name, (fig, _) in figs.items():
+        fig.savefig(os.path.join(out, name), dpi=110)
+        plt.close(fig)
+    return list(figs)
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+def main(cfg):
+    print_config(cfg)
+    device = cfg.device or pick_device()
+    cuda = device.startswith("cuda")
+    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    out = os.path.join(run_dir, "eval")
+    os.makedirs(out, exist_ok=True)
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
+    notes = []
+
+    # ---- what to evaluate: the checkpoints, and the teacher named in their configs
+    paths = [p for p in cfg.models.split(",") if p] or default_checkpoints(run_dir)
+    names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    names = [n if names.count(n) == 1 else os.path.relpath(os.path.dirname(p), cfg.out_dir) for n, p in zip(names, paths)]
+    if not paths:
+        notes.append(f"no checkpoints found under {run_dir} and no --models: the teacher alone is evaluated")
+    for p in paths:
+        meta_path = os.path.join(os.path.dirname(p), "meta.json")
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else load_checkpoint(p)[1]
+        inherit(cfg, meta.get("config", {}), ["teacher"])
+    teacher_source = cfg.teacher or "smollm2"
+    print(f"evaluating: teacher ({teacher_source})" + "".join(f", {n} ({p})" for n, p in zip(names, paths)))
+
+    # ---- load: the teacher (fp32; bf16 autocast on the GPU, as the stages train), its tokenizer, the valid split
+    teacher = from_pretrained(cfg.teacher, device=device).eval()
+    tok = load_tokenizer(cfg.teacher)
+    max_pos = teacher.config.max_position_embeddings
+    data_dir = cfg.data_dir or os.path.join(run_dir, "data")
+    valid = None
+    if os.path.exists(os.path.join(data_dir, "meta.json")):
+        data.check_tokenizer(data.load_meta(data_dir), tok, data_dir)
+        valid = data.load_tokens(data_dir, "valid")
+    else:
+        notes.append(f"no token data in {data_dir}: no perplexity or KL (run data.py, or pass --data_dir)")
+
+    # ---- recall prompts, made once: every model sees exactly the same ones
+    tasks = [t for t in cfg.tasks.split(",") if t]
+    lengths = ints(cfg.lengths)
+    if max(lengths, default=0) > max_pos:
+        notes.append(f"recall lengths above max_position_embeddings={max_pos} test extrapolation (RoPE extended)")
+    depths = [float(d) for d in cfg.depths.split(",")]
+    t0 = time.time()
+    prompts = {(t, L): make_prompts(t, tok, L, cfg.n, cfg.seed, depths, cfg.haystack) for t in tasks for L in lengths}
+    print(f"recall prompts: {len(tasks)} tasks x {len(lengths)} lengths x {cfg.n} ({time.time() - t0:.1f}s; "
+          f"chat format: {tok.is_chat})")
+
+    # ---- quality: the teacher first, then each student (the teacher stays loaded for the KL)
+    models = {}
+    for name, path in [("teacher", None)] + list(zip(names, paths)):
+        model = teacher if path is None else load_checkpoint(path, device=device)[0].eval()
+        r = models[name] = dict(path=path or teacher_source, mixers=list(model.config.mixers),
+                                params=sum(p.numel() for p in model.parameters()))
+        if valid is not None:
+            t0 = time.time()
+            r["ppl"], r["kl"], r["ppl_tokens"] = quality(model, teacher, valid, cfg, device)
+            print(f"{name} | ppl {r['ppl']:.3f} | KL {r['kl']:.4f} | {r['ppl_tokens']:,} tokens | "
+                  f"{time.time() - t0:.1f}s", flush=True)
+        if prompts:
+            gen = make_generate_fn(model, tok, device, cfg.batch_size)
+            cells, by_depth, examples = {}, {}, {}
+            for (task, L), ps in prompts.items():
+                t0 = time.time()
+                s = score_task(gen, ps)
+                cells.setdefault(task, {})[str(L)] = s["acc"]
+                by_depth.setdefault(task, {})[str(L)] = s["by_depth"]
+                examples.setdefault(task, {})[str(L)] = dict(answers=ps[0]["answers"], output=s["outputs"][0])
+                print(f"{name} | {task} @ {L} | acc {s['acc']:.3f} | {time.time() - t0:.1f}s", flush=True)
+            mean = lambda xs: sum(xs) / len(xs)
+            r["recall"] = dict(
+                avg=mean([a for c in cells.values() for a in c.values()]),
+                by_task={t: mean(list(c.values())) for t, c in cells.items()},
+                by_length={str(L): mean([cells[t][str(L)] for t in tasks]) for L in lengths},
+                by_task_length=cells, by_depth=by_depth, examples=examples)
+        if path is not None:
+            del model
+            free(cuda)
+
+    # ---- speed and memory: one model at a time, bf16 weights on the GPU (fp32 state for GLA, as new_cache makes it)
+    speed = cfg.speed == "on" or (cfg.speed == "auto" and cuda)
+    batches = sorted({1, cfg.speed_batch})
+    speed_lengths = ints(cfg.speed_lengths)
+    if not speed:
+        notes.append(f"speed/memory not measured (--speed={cfg.speed} on {device}); use a GPU or --speed=on")
+    elif any(L > max_pos for L in speed_lengths):
+        notes.append(f"speed lengths beyond max_position_embeddings={max_pos} run with RoPE extrapolated: timings "
+                     "and memory are valid, the model's outputs there are not")
+    if not cuda and speed:
+        notes.append("speed measured on the CPU: fp32 weights, no peak-memory numbers, not representative of a GPU")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    for name, path in [("teacher", None)] + list(zip(names, paths)) if speed else []:
+        print(f"speed: {name}", flush=True)
+        model = teacher.to(dtype) if path is None else load_checkpoint(path, device=device, dtype=dtype)[0].eval()
+        teacher = None  # the bf16 copy replaced it; nothing needs the fp32 teacher any more
+        models[name]["speed"] = bench(model, speed_lengths, batches, cfg.decode_tokens, device)
+        del model
+        free(cuda)
+    for r in [r for m in models.values() for r in m.get("speed", [])]:
+        t = next(x for x in models["teacher"]["speed"] if (x["batch"], x["length"]) == (r["batch"], r["length"]))
+        if r["status"] == "ok" and t["status"] == "ok":
+            r["vs_teacher"] = dict(decode_speedup=r["decode_tok_s"] / t["decode_tok_s"],
+                                   prefill_speedup=t["prefill_s"] / r["prefill_s"],
+                                   cache_ratio=r["cache_bytes"] / t["cache_bytes"],
+                                   peak_ratio=r["peak_decode_bytes"] / t["peak_decode_bytes"] if cuda else None)
+
+    # ---- report: table, eval.json, plots
+    summary = summarize(models, batches)
+    print_table(summary, list(models))
+    for note in notes:
+        print(f"note: {note}")
+    settings = dict(asdict(cfg), teacher_source=teacher_source, models={n: p for n, p in zip(names, paths)},
+                    device=device, gpu=torch.cuda.get_device_name() if cuda else None, torch=torch.__version__,
+                    tasks=tasks, lengths=lengths, depths=depths, chat_format=tok.is_chat, haystack_text=cfg.haystack
+                    or FILLER, max_position_embeddings=max_pos, data_dir=data_dir, speed_run=speed,
+                    speed_lengths=speed_lengths, speed_batches=batches,
+                    precision=("fp32 weights + bf16 autocast (quality, recall); bf16 weights, fp32 GLA state (speed)"
+                               if cuda else "fp32"),
+                    scoring="fraction of the expected answers found as whole words in the greedy output (RULER "
+                            "string_match_all); recall avg = mean over the task x length cells")
+    report = dict(settings=settings, models=models, summary=summary, notes=notes)
+    report["plots"] = plot(models, batches, out)
+    write_json(os.path.join(out, "eval.json"), report)
+    print(f"final | wrote {os.path.join(out, 'eval.json')}" + "".join(f", {p}" for p in report["plots"]))
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))

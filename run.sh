@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The main job: the whole pipeline, stage after stage, on one machine.
+#
+#   data -> transfer (Stage 0) -> align (Stage 1) -> score (KL-guided layer scores) -> select_layers (top-K)
+#        -> distill (Stage 2) -> finetune (Stage 3) -> eval (the run's hybrids beside the teacher)
+#
+# Each stage's default input is the previous stage's output under out/<run>/, so the stages need no paths here.
+# With a GPU it runs the "gpu" preset; without one a "cpu" preset that finishes in minutes (few steps, short
+# sequences, every layer still scored but for a handful of steps): a smoke run of the plumbing, not a result.
+#
+#   bash run.sh                                                   # SmolLM2-135M-Instruct, data auto, budget 0.25
+#   bash run.sh --teacher=Qwen/Qwen2.5-0.5B-Instruct --data=path/to/texts --budget=0.25 --run=qwen
+#
+# Arguments (or the environment variables of the same name in capitals):
+#   --teacher=   HF folder | hub id | .gguf | "" (default: SmolLM2-135M-Instruct)
+#   --data=      auto | teacher | a file or folder of text | a hub dataset id (default auto, see data.py)
+#   --budget=    softmax layers kept: a fraction of L (0.25) or a count (8)
+#   --run=       run name: everything goes to <out_dir>/<run>/ (default smollm2)
+#   --out_dir=   root of the runs (default out)
+#   --preset=    auto | gpu | cpu (default auto: gpu when torch sees one)
+#   --baseline=  none | uniform: also distill and finetune a uniform-interleaved hybrid to compare (default none)
+# Extra flags for one stage: DATA_ARGS, ALIGN_ARGS, SCORE_ARGS, DISTILL_ARGS, FINETUNE_ARGS, EVAL_ARGS
+# (e.g. DISTILL_ARGS="--steps=4000 --untie=true" bash run.sh); they come last, so they override the preset.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TEACHER="${TEACHER:-}"
+DATA="${DATA:-auto}"
+BUDGET="${BUDGET:-0.25}"
+RUN="${RUN:-smollm2}"
+OUT_DIR="${OUT_DIR:-out}"
+PRESET="${PRESET:-auto}"
+BASELINE="${BASELINE:-none}"
+PYTHON="${PYTHON:-python}"
+for arg in "$@"; do
+  case "$arg" in
+    --teacher=*) TEACHER="${arg#*=}" ;;
+    --data=*) DATA="${arg#*=}" ;;
+    --budget=*) BUDGET="${arg#*=}" ;;
+    --run=*) RUN="${arg#*=}" ;;
+    --out_dir=*) OUT_DIR="${arg#*=}" ;;
+    --preset=*) PRESET="${arg#*=}" ;;
+    --baseline=*) BASELINE="${arg#*=}" ;;
+    *) echo "run.sh: unknown argument '$arg' (valid: --teacher= --data= --budget= --run= --out_dir= --preset= --baseline=)" >&2
+       exit 2 ;;
+  esac
+done
+if [ "$PRESET" = auto ]; then
+  PRESET=$("$PYTHON" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
+fi
+
+# ---- presets: sizes per stage (steps, batch, sequence length); everything else is each stage's default
+case "$PRESET" in
+  gpu)
+    # SmolLM2-135M on one H100/H200: tens of minutes. The paper runs 4096-token sequences and ~600M tokens
+    # per stage; scale steps up (or use *_ARGS) for a result to report.
+    DATA_P="--max_tokens=40000000"
+    ALIGN_P="--steps=300 --batch_size=32 --seq_len=512"
+    SCORE_P="--steps=200 --eval_every=10 --patience=5 --batch_size=8 --seq_len=1024 --warmup=10"
+    DISTILL_P="--steps=2000 --batch_size=16 --seq_len=1024 --warmup=50 --save_every=500"
+    FINETUNE_P="--steps=300 --batch_size=8 --kl_weight=0.5 --save_every=0"
+    EVAL_P=""
+    ;;
+  cpu)
+    echo "=================================================================================================="
+    echo " No GPU: running the small CPU preset (a few steps per stage, 64-token sequences, every layer scored"
+    echo " for 4 steps). It checks that the pipeline runs end to end; its numbers mean nothing."
+    echo "=================================================================================================="
+    DATA_P="--max_tokens=400000 --valid_tokens=40000"
+    ALIGN_P="--steps=10 --batch_size=4 --seq_len=64 --log_every=5 --valid_batches=1"
+    SCORE_P="--steps=4 --eval_every=2 --patience=2 --batch_size=2 --seq_len=64 --warmup=0"
+    DISTILL_P="--steps=10 --batch_size=2 --seq_len=64 --warmup=0 --valid_batches=2 --save_every=0"
+    FINETUNE_P="--steps=5 --batch_size=2 --warmup=0 --kl_weight=0.5 --valid_batches=2 --save_every=0"
+    EVAL_P="--lengths=512 --n=2 --ppl_seq_len=64 --ppl_windows=4 --batch_size=2"
+    ;;
+  *) echo "run.sh: --preset must be auto, gpu or cpu (got '$PRESET')" >&2; exit 2 ;;
+esac
+case "$BASELINE" in none|uniform) ;; *) echo "run.sh: --baseline must be none or uniform" >&2; exit 2 ;; esac
+
+RUN_DIR="$OUT_DIR/$RUN"
+LOGS="$RUN_DIR/logs"
+mkdir -p "$LOGS"
+echo "run.sh | run $RUN | teacher ${TEACHER:-(default SmolLM2-135M-Instruct)} | data $DATA | budget $BUDGET | preset $PRESET | baseline $BASELINE"
+echo "run.sh | logs: $LOGS/<stage>.log"
+
+TIMES=()
+stage() {   # stage NAME SCRIPT ARGS...: run one stage, its output shown and kept in $LOGS/NAME.log, and timed
+  local name="$1" script="$2" t0=$SECONDS
+  shift 2
+  echo; echo "======== $name: $PYTHON $script $*"
+  "$PYTHON" "$script" "$@" 2>&1 | tee "$LOGS/$name.log"
+  TIMES+=("$(printf '%-18s %6ds' "$name" $((SECONDS - t0)))")
+}
+common=(--run="$RUN" --out_dir="$OUT_DIR")
+# shellcheck disable=SC2086  # the preset and *_ARGS strings are lists of flags, split on purpose
+{
+stage data data.py "${common[@]}" --data="$DATA" --teacher="$TEACHER" $DATA_P ${DATA_ARGS:-}
+stage transfer transfer.py "${common[@]}" --teacher="$TEACHER"
+stage align align.py "${common[@]}" $ALIGN_P ${ALIGN_ARGS:-}
+stage score score.py "${common[@]}" --budget="$BUDGET" $SCORE_P ${SCORE_ARGS:-}
+stage select select_layers.py "${common[@]}" --method=kl --budget="$BUDGET"
+stage distill distill.py "${common[@]}" $DISTILL_P ${DISTILL_ARGS:-}
+stage finetune finetune.py "${common[@]}" $FINETUNE_P ${FINETUNE_ARGS:-}
+if [ "$BASELINE" = uniform ]; then
+  stage select_uniform select_layers.py "${common[@]}" --method=uniform --budget="$BUDGET" --out=selection_uniform.json
+  stage distill_uniform distill.py "${common[@]}" --selection="$RUN_DIR/select/selection_uniform.json" \
+    --out=distill_uniform $DISTILL_P ${DISTILL_ARGS:-}
+  stage finetune_uniform finetune.py "${common[@]}" --input="$RUN_DIR/distill_uniform/ckpt.pt" --out=finetune_uniform \
+    $FINETUNE_P ${FINETUNE_ARGS:-}
+fi
+stage eval eval.py "${common[@]}" $EVAL_P ${EVAL_ARGS:-}
+}
+
+echo
+echo "======== time per stage ($PRESET preset)"
+printf '  %s\n' "${TIMES[@]}"
+echo "  total              $(printf '%6d' "$SECONDS")s"
+echo "results: $RUN_DIR/eval/eval.json, scores: $RUN_DIR/score/scores.json, selection: $RUN_DIR/select/selection.json"

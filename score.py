@@ -1,0 +1,256 @@
+"""
+KL-guided layer scoring (GA-S2 of arXiv 2512.20569): how much does each layer need its softmax attention?
+
+For every layer l, take the Stage-1 all-linear student, restore layer l alone to the teacher's exact softmax attention
+(distill.make_hybrid), and run a short Stage 2 (distill.stage2_step). A layer whose softmax attention the linear
+layers cannot replace leaves a small KL once it is restored: lower late KL = more important. Selection keeps the K
+layers with the lowest scores; smaller budgets are prefixes of the same ranking.
+
+    score(l) = mean of the probe's training KL over the last late_frac of its steps
+    K = round(budget * L); the probes run in rounds of eval_every steps, all on the same batches. After each round
+    the layers are ranked; once the top-K set has not changed for `patience` rounds, all probes stop
+    (the paper: the top-K set settles after 27-42% of the run)
+
+Each round computes the teacher's hidden states once per batch and steps every probe on them (one teacher forward
+for L probes). Probes train together as many as memory holds (on the GPU; those that do not fit there wait in CPU
+memory between their turns); more layers than that run in groups, later groups ranking against the stored curves of earlier ones,
+truncated to the same step. scores.json is rewritten (atomically) after every round; a finished layer (all steps, or
+early-stopped) is never recomputed when the same settings run again, an unfinished one restarts.
+
+Reads  out/<run>/align/ckpt.pt, the teacher and token files named in its config.
+Writes out/<run>/score/scores.json: per layer {score, curve, steps, tokens, early_stopped, stopped_at, finished},
+       "ranking" (most important first), "scores" (list by layer), "settings"; log.jsonl (one line per round).
+
+    python score.py --run=tiny --steps=8 --eval_every=2 --batch_size=2 --seq_len=64      # tiny CPU run
+    python score.py --run=smollm2 --steps=400 --eval_every=20 --batch_size=8 --seq_len=2048  # one GPU
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import model as M
+from common import Logger, banner, check_finite, inherit, parse_args, pick_device, print_config, write_json
+from distill import batch_at, load_teachers, make_hybrid, make_optimizer, open_data, set_lr, stage2_step, teacher_hidden
+from select_layers import parse_budget
+
+
+@dataclass
+class Config:
+    run: str = "smollm2"          # run name: everything lives in <out_dir>/<run>/
+    out_dir: str = "out"          # root of all runs
+    input: str = ""               # Stage-1 checkpoint; "" = <out_dir>/<run>/align/ckpt.pt
+    teacher: str = ""             # teacher source; "" = inherited from the parent checkpoint
+    data_dir: str = ""            # token files; "" = inherited from the parent checkpoint
+    layers: str = ""              # layers to score, e.g. "0,1" ("" = all); finished ones are skipped
+    budget: str = "0.25"          # softmax layers K: a fraction of L (0.25) or a count (8), as in select_layers.py
+    steps: int = 400              # Stage-2 steps per probe at most
+    eval_every: int = 20          # steps per round: the ranking is checked after each round
+    patience: int = 4             # stop once the top-K set is unchanged for this many rounds (0 = never stop early)
+    late_frac: float = 0.25       # score = mean KL over this last fraction of a probe's steps
+    batch_size: int = 8           # sequences per step (the same batches for every probe)
+    seq_len: int = 512            # tokens per sequence (the paper uses 4096)
+    lr_mixer: float = 1e-4        # Stage-2 lr of self_attn.* and input_layernorm
+    lr_other: float = 7e-6        # Stage-2 lr of everything else
+    warmup: int = 20              # linear warmup steps
+    weight_decay: float = 0.0     # AdamW weight decay
+    clip: float = 1.0             # gradient-norm clip
+    chunk: int = 4096             # rows per KL chunk
+    max_probes: int = 0           # probes trained together (0 = as many as memory holds)
+    offload: str = "auto"         # park probes in CPU memory between turns: auto | true | false
+    device: str = ""              # "" = cuda if available else cpu
+    seed: int = 0                 # data order
+
+
+# Settings that change a probe's KL curve or its stopping point: a stored layer is reused only if they all match.
+SETTINGS = ("input", "teacher", "data_dir", "budget", "steps", "eval_every", "patience", "late_frac", "batch_size",
+            "seq_len", "lr_mixer", "lr_other", "warmup", "weight_decay", "clip", "seed")
+
+
+def late_mean(curve, step, late_frac):
+    """The score: mean of the curve's last late_frac, with the curve cut at `step` (so layers compare at equal steps)."""
+    curve = curve[:step]
+    n = max(1, math.ceil(late_frac * len(curve)))
+    return sum(curve[-n:]) / n
+
+
+def rank(curves, step, late_frac):
+    """Layers sorted by score at `step`, most important (lowest KL) first."""
+    return sorted(curves, key=lambda l: (late_mean(curves[l], step, late_frac), l))
+
+
+def mem_available():
+    """Bytes of CPU memory available (Linux /proc/meminfo), or a guess of 8 GB elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 8 << 30
+
+
+def move(probe, device):
+    """Move a probe (model and AdamW state) to `device`; the parameters keep their identity, so the optimizer holds."""
+    model, opt = probe
+    model.to(device)
+    for state in opt.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                state[k] = v.to(device)
+
+
+def plan(cfg, n_params, n_todo, device):
+    """(probes trained together, how many of them stay on `device` between turns): the others wait in CPU memory
+    and are moved in for their steps."""
+    per_probe = 4 * n_params * 4                    # fp32 weights, grads and two AdamW moments
+    in_ram = int(0.6 * mem_available() // per_probe)
+    if not device.startswith("cuda"):
+        group = max(1, min(n_todo, cfg.max_probes or in_ram))
+        return group, group
+    on_gpu = 0 if cfg.offload == "true" else int(0.6 * torch.cuda.mem_get_info()[0] // per_probe)
+    if cfg.offload == "false":
+        group = max(1, min(n_todo, cfg.max_probes or on_gpu))
+        return group, group
+    group = max(1, min(n_todo, cfg.max_probes or on_gpu + in_ram))
+    return group, min(group, on_gpu)
+
+
+def bar_chart(scores, top, width=40):
+    """One line per layer: a bar proportional to its score, top-K layers starred."""
+    lo, hi = min(scores.values()), max(scores.values())
+    lines = [f"KL-guided scores (lower = more important, * = top {len(top)}; bars span min to max):"]
+    for l in sorted(scores):
+        n = 1 + int((width - 1) * (scores[l] - lo) / (hi - lo)) if hi > lo else width // 2
+        lines.append(f"  layer {l:3d} {'*' if l in top else ' '} {'#' * n:<{width}} {scores[l]:.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+def main(cfg):
+    t_start = time.time()
+    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    cfg.input = cfg.input or os.path.join(run_dir, "align", "ckpt.pt")
+    out_dir = os.path.join(run_dir, "score")
+    path = os.path.join(out_dir, "scores.json")
+    device = cfg.device or pick_device()
+
+    # ---- load: Stage-1 student (on the CPU: each probe is a copy), teacher, data, stored scores
+    base, parent = M.load_checkpoint(cfg.input)
+    inherit(cfg, parent["config"], ["teacher", "data_dir"])
+    print_config(cfg)
+    L = base.config.num_hidden_layers
+    K = parse_budget(cfg.budget, L)                  # the top-K set watched for early stopping
+    # The input's metrics identify the Stage-1 run: a rerun of align.py that changed the student invalidates the scores.
+    input_id = hashlib.sha1(json.dumps(parent["metrics"], sort_keys=True).encode()).hexdigest()[:12]
+    settings = {**{k: getattr(cfg, k) for k in SETTINGS}, "input_id": input_id}
+    scope = [int(x) for x in cfg.layers.split(",") if x.strip()] if cfg.layers else list(range(L))
+    if any(not 0 <= l < L for l in scope):
+        raise ValueError(f"--layers={cfg.layers}: the model has {L} layers (0..{L - 1})")
+    record = {"method": "kl", "n_layers": L, "budget": cfg.budget, "top_k": K, "settings": settings, "layers": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("settings") == settings:
+            record["layers"] = {k: v for k, v in old["layers"].items() if v["finished"]}
+        else:
+            os.replace(path, path + ".old")
+            print(f"{path} was made with other settings: moved to scores.json.old, starting afresh")
+    done = {int(k): v["curve"] for k, v in record["layers"].items()}
+    skipped = [l for l in scope if l in done]
+    todo = [l for l in scope if l not in done]
+    print(f"scoring {len(todo)} layers, skipping {len(skipped)} finished ones {skipped}; top-K with K = {K} of {L}")
+    teacher32, teacher = load_teachers(cfg.teacher, device)
+    t_head = teacher.lm_head.weight
+    train, _ = open_data(cfg)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    group_size, resident = plan(cfg, sum(p.numel() for p in base.parameters()), len(todo), device)
+    banner("score (KL-guided layer scoring)", device, base, tokens_per_step)
+    print(f"probes: {group_size} at a time, {resident} of them kept on {device} (the rest wait in CPU memory); "
+          f"{cfg.steps} steps each at most, in rounds of {cfg.eval_every}")
+
+    def save():
+        at = min((len(c) for c in done.values()), default=0)
+        ranking = rank(done, at, cfg.late_frac)
+        for l, c in done.items():
+            record["layers"][str(l)]["score"] = late_mean(c, at, cfg.late_frac)
+        record.update(scored_at_step=at, complete=len(done) == L, ranking=ranking,
+                      scores=[record["layers"][str(l)]["score"] if l in done else None for l in range(L)])
+        write_json(path, record)
+
+    # ---- score: groups of probes, each trained in rounds that share the teacher's forward pass
+    log = Logger(out_dir, cfg.steps)
+    stopped_at = None
+    for g0 in range(0, len(todo), group_size):
+        group = todo[g0:g0 + group_size]
+        probes, home = {}, {}
+        for i, l in enumerate(group):
+            home[l] = device if i < resident else "cpu"
+            student = make_hybrid(copy.deepcopy(base), teacher32, [l]).to(home[l])
+            probes[l] = (student, make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay))
+        curves, secs = {l: [] for l in group}, {l: 0.0 for l in group}
+        # Early stopping needs every layer in the ranking: finished layers count with their curve cut to this step.
+        can_stop = cfg.patience > 0 and len(set(done) | set(group)) == L
+        step, stable, top = 0, 0, None
+        while step < cfg.steps:
+            n = min(cfg.eval_every, cfg.steps - step)
+            batches = [batch_at(train, cfg, cfg.seed, step + i, device)[:, :-1] for i in range(n)]  # same for all probes
+            hidden = [teacher_hidden(teacher, idx, device) for idx in batches]
+            for l, probe in probes.items():
+                t0 = time.time()
+                move(probe, device)
+                student, opt = probe
+                for i, idx in enumerate(batches):
+                    set_lr(opt, step + i, cfg.warmup)
+                    kl = stage2_step(student, hidden[i], t_head, idx, opt, cfg.clip, device, cfg.chunk)
+                    check_finite(kl, f"{step + i + 1} of the layer-{l} probe", path if done else None)
+                    curves[l].append(kl)
+                opt.zero_grad(set_to_none=True)
+                move(probe, home[l])
+                secs[l] += time.time() - t0
+            step += n
+            order = rank({**done, **curves}, step, cfg.late_frac)
+            stable = stable + 1 if set(order[:K]) == top else 0
+            top = set(order[:K])
+            log.log(step, tokens=n * tokens_per_step * len(group), best=order[0],
+                    kl_best=late_mean(({**done, **curves})[order[0]], step, cfg.late_frac),
+                    top_k=",".join(map(str, sorted(top))), stable=stable)
+            finish = step >= cfg.steps or (can_stop and stable >= cfg.patience)
+            for l in group:
+                record["layers"][str(l)] = {
+                    "score": late_mean(curves[l], step, cfg.late_frac), "curve": curves[l], "steps": step,
+                    "tokens": step * tokens_per_step, "early_stopped": finish and step < cfg.steps,
+                    "stopped_at": step if finish and step < cfg.steps else None, "finished": finish,
+                    "time_s": round(secs[l], 1)}
+            if finish:
+                done.update(curves)
+            save()
+            if finish:
+                if step < cfg.steps:
+                    stopped_at = step
+                    print(f"top-{K} set {sorted(top)} unchanged for {stable} rounds: stopping all probes at step "
+                          f"{step} of {cfg.steps}")
+                break
+        del probes
+
+    # ---- report
+    if not done:
+        raise RuntimeError("no layer was scored")
+    save()
+    scores = {l: record["layers"][str(l)]["score"] for l in sorted(done)}
+    print(bar_chart(scores, set(record["ranking"][:K])))
+    print(f"ranking (most important first): {record['ranking']}  (scores at step {record['scored_at_step']})")
+    metrics = {"ranking": record["ranking"], "top_k": record["ranking"][:K], "complete": record["complete"],
+               "scored": todo, "skipped": skipped, "early_stopped": stopped_at is not None,
+               "stopped_at": stopped_at, "scores": scores, "time_s": round(time.time() - t_start, 1)}
+    log.final(**metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random teacher (an HF directory with a byte-level BPE tokenizer) and a tiny text corpus.
+
+Everything is built locally in a temporary folder: no network, seconds on a CPU."""
+
+import gzip
+import json
+import os
+import random
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS = ("the cat dog key value city river paris berlin rome madrid code python linux kernel memory attention layer "
+         "model token state gate linear softmax train step loss data table number one two three four five").split()
+
+
+def make_text(n_docs, seed=0, words_per_doc=120):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(words_per_doc)]
+        for i in range(0, len(words), 9):
+            words[i] = words[i].capitalize()
+            words[min(i + 8, len(words) - 1)] += rng.choice([".", ",", " 42", " 2026.", "\n"])
+        docs.append(" ".join(words))
+    return docs
+
+
+def write_tokenizer(path, texts, vocab_size=320):
+    """A GPT-2-style byte-level BPE trained on `texts`, with ChatML special tokens like SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>",
+                   "chat_template": "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                                    "{{ message['content'] }}<|im_end|>\n{% endfor %}"}, f)
+    return tok.get_vocab_size()
+
+
+def write_tiny_llama(path, vocab_size, n_layers=4, seed=0, tie=True):
+    """A random 4-layer Llama (GQA 4 heads / 2 KV heads, head_dim 16) saved the way HF saves it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A folder with train.jsonl.gz / valid.jsonl.gz in the shared corpus's format ({"text": ...} per line)."""
+    d = tmp_path_factory.mktemp("corpus")
+    for split, n, seed in (("train", 200, 0), ("valid", 20, 1)):
+        with gzip.open(d / f"{split}.jsonl.gz", "wt") as f:
+            for text in make_text(n, seed):
+                f.write(json.dumps({"text": text, "source": "tiny"}) + "\n")
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """Path of a tiny random Llama teacher directory (config.json, model.safetensors, tokenizer.json)."""
+    d = tmp_path_factory.mktemp("tiny_teacher")
+    n_vocab = write_tokenizer(str(d), make_text(200))
+    write_tiny_llama(str(d), vocab_size=n_vocab)
+    return str(d)

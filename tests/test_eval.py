@@ -1,0 +1,158 @@
+"""eval.py on tiny models, CPU only: the recall prompts (length, answers inside, depth, determinism), the scoring
+(an oracle that reads the answer out of the prompt scores 1, random text scores ~0), and main() end to end on a tiny
+random teacher and two hybrids, checking what eval.json holds."""
+
+import json
+import math
+import os
+import random
+import re
+
+import pytest
+import torch
+
+import data
+import eval as ev
+import model as M
+from conftest import make_text, write_tiny_llama, write_tokenizer
+from tokenizer import load_tokenizer
+
+
+class ByteTok:
+    """A stand-in tokenizer, one token per byte, no chat format: make_prompts needs nothing more."""
+    is_chat, eos_id, n_vocab = False, None, 256
+    encode = staticmethod(lambda s: list(s.encode()))
+    decode = staticmethod(lambda ids: bytes(ids).decode(errors="replace"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls run faster on one thread, and much faster when other jobs share the cores (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny random Llama whose BPE has seen the recall templates, so that a 256-token prompt leaves room for a
+    haystack (the shared tiny tokenizer spends ~1 token per character on them)."""
+    d = str(tmp_path_factory.mktemp("eval_teacher"))
+    texts = [p["prompt"] for t in ev.TASKS for p in ev.make_prompts(t, ByteTok(), 4000, 5, seed=99)]
+    write_tiny_llama(d, write_tokenizer(d, make_text(200) + texts, vocab_size=1000))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(teacher):
+    return load_tokenizer(teacher)
+
+
+def oracle(prompts):
+    """A 'model' that copies the right answer: it reads the question in the prompt and looks the answer up there."""
+    outs = []
+    for p in prompts:
+        text = p["prompt"]
+        if "magic number" in text:
+            keys = re.split(r", | and ", re.search(r"for (\S.*) mentioned in the provided text (is|are):$", text)[1])
+            vals = [v for k in keys for v in re.findall(rf"numbers for {re.escape(k)} is: (\d+)\.", text)]
+        elif "VAR " in text:
+            value = re.search(r"assigned the value (\d+), they are:$", text)[1]
+            chain = [re.search(rf"VAR (\w+) = {value}\.", text)[1]]
+            while m := re.search(rf"VAR (\w+) = VAR {chain[-1]}\.", text):
+                chain.append(m[1])
+            vals = chain
+        else:
+            keys = re.split(r", | and ", re.search(r"values of the keys (\S.*) are:$", text)[1])
+            vals = [re.search(rf"^{re.escape(k)}: (\d+)$", text, re.M)[1] for k in keys]
+        outs.append(" " + ", ".join(vals) + ".")
+    return outs
+
+
+@pytest.mark.parametrize("task", ev.TASKS)
+def test_prompts_length_answers_depth(tok, task):
+    for length in (256, 512):
+        prompts = ev.make_prompts(task, tok, length, n=10, seed=0)
+        assert [p["depth"] for p in prompts] == list(ev.DEPTHS) * 2
+        for p in prompts:
+            n = len(tok.encode(p["prompt"]))
+            assert n == p["n_tokens"] and length * 0.95 - 16 <= n <= length, (task, length, n)
+            assert p["answers"] and all(a in p["prompt"] for a in p["answers"])
+        # deterministic for a seed, different for another
+        assert ev.make_prompts(task, tok, length, n=10, seed=0) == prompts
+        assert ev.make_prompts(task, tok, length, n=10, seed=1)[0]["prompt"] != prompts[0]["prompt"]
+    # the haystack tasks hit the requested length to the token, whatever the tokenizer
+    if task != "mqar":
+        assert all(p["n_tokens"] == 1000 for p in ev.make_prompts(task, ByteTok(), 1000, n=5))
+
+
+def test_needle_depth_and_chat_format(tok):
+    prompts = ev.make_prompts("niah_single", tok, 512, n=5)
+    where = [p["prompt"].index(p["answers"][0]) for p in prompts]
+    assert where == sorted(where) and where[-1] - where[0] > len(prompts[0]["prompt"]) // 2
+    assert tok.is_chat and all(p["prompt"].startswith("<|im_start|>") for p in prompts)
+
+
+def test_too_short_is_a_clear_error(tiny_teacher):
+    with pytest.raises(ValueError, match="too short"):
+        ev.make_prompts("niah_multiquery", load_tokenizer(tiny_teacher), 64, n=1)
+
+
+def test_scoring_oracle_random_partial(tok):
+    rng = random.Random(0)
+    noise = lambda prompts: [tok.decode([rng.randrange(tok.n_vocab) for _ in range(40)]) for _ in prompts]
+    for task in ev.TASKS:
+        prompts = ev.make_prompts(task, tok, 512, n=10)
+        s = ev.score_task(oracle, prompts)
+        assert s["acc"] == 1.0 and set(s["by_depth"]) == {str(d) for d in ev.DEPTHS}, task
+        assert ev.score_task(noise, prompts)["acc"] <= 0.1, task
+    assert ev.answer_score("The numbers are 1234 and  99.", ["1234", "5678"]) == 0.5
+    assert ev.answer_score("12345", ["1234"]) == 0.0  # whole words only
+    assert ev.answer_score(" abcde, FGHIJ", ["ABCDE", "FGHIJ"]) == 1.0
+
+
+def test_recall_accuracy_on_tiny_model(teacher, tok):
+    model = M.from_pretrained(teacher).eval()
+    acc = ev.recall_accuracy(model, tok, task="mqar", length=256, n=3, seed=0, device="cpu")
+    assert isinstance(acc, float) and 0.0 <= acc <= 0.5
+
+
+def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
+    out = str(tmp_path)
+    data.main(data.Config(run="tiny", out_dir=out, data=tiny_corpus, teacher=teacher))
+    # two hybrids of the random teacher saved as a run's distill stages (the default checkpoints eval finds)
+    for folder, gla in (("distill", (1, 2, 3)), ("distill_uniform", (0, 2))):
+        student = M.from_pretrained(teacher)
+        for i in gla:
+            student.set_mixer(i, M.GLA(student.config), "gla")
+        M.save_checkpoint(os.path.join(out, "tiny", folder, "ckpt.pt"), student, stage="distill",
+                          config={"teacher": teacher}, parent=None, metrics={}, tokenizer=teacher)
+    cfg = ev.Config(run="tiny", out_dir=out, lengths="256,384", n=2, ppl_seq_len=64, ppl_windows=4, batch_size=2,
+                    speed="on", speed_lengths="32,64", speed_batch=2, decode_tokens=4, device="cpu")
+    report = ev.main(cfg)
+
+    with open(os.path.join(out, "tiny", "eval", "eval.json")) as f:
+        saved = json.load(f)
+    assert set(saved) == {"settings", "models", "summary", "notes", "plots"}
+    assert saved["settings"]["teacher_source"] == teacher and saved["settings"]["lengths"] == [256, 384]
+    assert list(saved["models"]) == ["teacher", "distill", "distill_uniform"]
+    assert saved["models"] == json.loads(json.dumps(report["models"]))
+    t, s = saved["models"]["teacher"], saved["models"]["distill"]
+    assert t["kl"] == 0.0 and s["kl"] > 0 and all(math.isfinite(m["ppl"]) and m["ppl"] > 1 for m in (t, s))
+    assert s["mixers"] == ["attn", "gla", "gla", "gla"]
+    for m in saved["models"].values():
+        r = m["recall"]
+        assert set(r) == {"avg", "by_task", "by_length", "by_task_length", "by_depth", "examples"}
+        assert set(r["by_task"]) == set(ev.TASKS) and set(r["by_length"]) == {"256", "384"}
+        assert 0.0 <= r["avg"] <= 1.0
+        assert len(m["speed"]) == 4 and all(x["status"] == "ok" for x in m["speed"])
+    # the cache: KV buffers only for softmax layers, a fixed fp32 state [B, H, K, V] for each GLA layer
+    for r in s["speed"]:
+        B, T = r["batch"], r["length"] + cfg.decode_tokens
+        assert r["gla_state_bytes"] == 3 * B * 4 * 16 * 16 * 4
+        assert r["kv_bytes"] == 1 * 2 * B * 2 * T * 16 * 4
+        assert r["vs_teacher"]["cache_ratio"] < 1
+    assert "ppl" in saved["summary"] and "recall avg" in saved["summary"]
+    assert any(k.startswith("decode tok/s B=2") for k in saved["summary"])
+    assert any("CPU" in n for n in saved["notes"])
