@@ -191,12 +191,13 @@ class _ChunkedKL(torch.autograd.Function):
     """Forward KL(t || s) per token, averaged over rows, with the gradient computed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, chunk):
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, chunk, grad_enabled):
         n = s_hidden.shape[0]
         total = torch.zeros((), device=s_hidden.device, dtype=torch.float32)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # Grad mode is always off inside forward: whether a backward will come was read by the caller.
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         d_hidden = torch.zeros_like(s_hidden) if need_grad else None
-        d_weight = torch.zeros_like(s_weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        d_weight = torch.zeros_like(s_weight, dtype=torch.float32) if need_grad and ctx.needs_input_grad[1] else None
         for i in range(0, n, chunk):
             sh = s_hidden[i:i + chunk]
             s_logp = F.log_softmax((sh @ s_weight.t()).float(), dim=-1)       # [rows, V]
@@ -217,7 +218,7 @@ class _ChunkedKL(torch.autograd.Function):
         d_hidden, d_weight = ctx.saved_tensors
         dh = d_hidden * grad_out if d_hidden is not None else None
         dw = d_weight * grad_out if d_weight is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def kl_div_chunked(s_hidden, s_weight, t_hidden, t_weight, chunk=4096):
@@ -225,7 +226,7 @@ def kl_div_chunked(s_hidden, s_weight, t_hidden, t_weight, chunk=4096):
 
     s_hidden, t_hidden: [N, D] final-normed hidden states (student, teacher); s_weight, t_weight: [V, D] output heads.
     Never materialises N x V; gradients flow to s_hidden and s_weight only."""
-    return _ChunkedKL.apply(s_hidden, s_weight, t_hidden.detach(), t_weight.detach(), chunk)
+    return _ChunkedKL.apply(s_hidden, s_weight, t_hidden.detach(), t_weight.detach(), chunk, torch.is_grad_enabled())
 
 
 def kl_div_reference(s_logits, t_logits):

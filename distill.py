@@ -38,7 +38,8 @@ import torch.nn as nn
 
 import data
 import model as M
-from common import Logger, autocast, banner, check_finite, inherit, kl_div_chunked, parse_args, pick_device, print_config
+from common import (Logger, autocast, banner, check_finite, inherit, kl_div_chunked, parse_args, pick_device,
+                    print_config)
 
 
 @dataclass
@@ -89,7 +90,8 @@ def make_optimizer(model, lr_mixer, lr_other, weight_decay=0.0):
     fast, slow = [], []
     for name, p in model.named_parameters():
         (fast if ".self_attn." in name or ".input_layernorm." in name else slow).append(p)
-    groups = [{"params": fast, "lr": lr_mixer, "base_lr": lr_mixer}, {"params": slow, "lr": lr_other, "base_lr": lr_other}]
+    groups = [{"params": fast, "lr": lr_mixer, "base_lr": lr_mixer},
+              {"params": slow, "lr": lr_other, "base_lr": lr_other}]
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=weight_decay)
 
 

@@ -26,11 +26,14 @@ The haystack is RULER's repeated "The grass is green. ..." or the text of --hays
 Speed (GPU, bf16 weights; CPU only with --speed=on): the path of model.generate, new_cache then forward with it.
 Prefill of T random tokens (chunked GLA kernel; masked SDPA for attention), then --decode_tokens greedy steps (KV
 cache for attention layers, recurrent GLA state); cache bytes = the tensors of new_cache(B, T + decode_tokens) (KV
-buffers of the attention layers + fp32 GLA states); peak = torch.cuda.max_memory_allocated during decode.
+buffers of the attention layers + fp32 GLA states); peak = torch.cuda.max_memory_allocated during decode. Lengths
+past max_position_embeddings still time correctly (RoPE extends); a length that runs out of memory is marked "oom".
 
 Reads  the run's final checkpoints (out/<run>/finetune, else distill, plus distill_*/finetune_*) or --models=a,b;
-       the teacher named in their config; out/<run>/data/valid.bin.
-Writes out/<run>/eval/eval.json (every number and the settings); recall.png, niah_depth.png, speed.png (matplotlib).
+       the teacher and data_dir named in their config (else out/<run>/data): its valid.bin.
+Writes out/<run>/eval/eval.json: settings (every flag, resolved), models (per model: mixers, ppl, kl, recall {avg,
+       by_task, by_length, by_task_length, by_depth, examples}, speed [per batch x length, with vs_teacher ratios]),
+       summary (the printed table), notes, plots; and recall.png, niah_depth.png, speed.png when matplotlib is there.
 
     python eval.py --run=tiny --lengths=256 --n=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 --speed_batch=2
     python eval.py --run=smollm2                                  # one GPU: all checkpoints of the run + the teacher
@@ -79,7 +82,7 @@ class Config:
     out_dir: str = "out"            # root of all runs
     models: str = ""                # comma-separated ckpt.pt paths; "" = the run's final checkpoints
     teacher: str = ""               # teacher source; "" = inherited from the checkpoints ("" there = SmolLM2)
-    data_dir: str = ""              # token files of data.py; "" = <out_dir>/<run>/data
+    data_dir: str = ""              # token files of data.py; "" = inherited from the checkpoints, else <run>/data
     ppl_seq_len: int = 1024         # window length for perplexity and KL
     ppl_windows: int = 64           # windows of the valid split (0 = all)
     batch_size: int = 8             # windows per forward (ppl/KL); prompts per generate call (recall)
@@ -122,6 +125,10 @@ def _insert(text, needles):
         out += [text[prev:pos], space + needle + " "]
         prev = pos
     return "".join(out) + text[prev:]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
 
 
 def _and(words):
@@ -227,11 +234,9 @@ def score_task(generate_fn, prompts):
     """generate_fn(list of prompt dicts) -> list of output strings; returns {acc, scores, outputs, by_depth}."""
     outputs = generate_fn(prompts)
     scores = [answer_score(o, p["answers"]) for o, p in zip(outputs, prompts)]
-    by_depth = {}
-    for p, s in zip(prompts, scores):
-        by_depth.setdefault(str(p["depth"]), []).append(s)
-    return dict(acc=sum(scores) / len(scores), scores=scores, outputs=outputs,
-                by_depth={d: sum(v) / len(v) for d, v in by_depth.items()})
+    by_depth = {str(d): mean([s for p, s in zip(prompts, scores) if p["depth"] == d])
+                for d in sorted({p["depth"] for p in prompts})}
+    return dict(acc=mean(scores), scores=scores, outputs=outputs, by_depth=by_depth)
 
 
 def make_generate_fn(model, tok, device, batch_size=8):
@@ -249,8 +254,8 @@ def make_generate_fn(model, tok, device, batch_size=8):
             group = list(group)
             for s in range(0, len(group), batch_size):
                 rows = group[s:s + batch_size]
-                # room for the answers written out with separators, and a little more
-                new = max(len(tok.encode(" " + ", ".join(prompts[i]["answers"]))) for i in rows) + 8
+                # room for the answers twice over: models number their lists or repeat the keys ("1. 8751473")
+                new = 2 * max(len(tok.encode(" " + ", ".join(prompts[i]["answers"]))) for i in rows) + 16
                 with autocast(device):
                     y = generate(model, torch.tensor([ids[i] for i in rows], device=device), new, eos_id=stops[-1])
                 for i, row in zip(rows, y[:, T:].tolist()):
@@ -264,6 +269,24 @@ def recall_accuracy(model, tok, task="mqar", length=512, n=20, seed=0, device="c
     """Mean score of `model` on n prompts of one recall task (select_layers.py's ablation uses it)."""
     prompts = make_prompts(task, tok, length, n, seed)
     return score_task(make_generate_fn(model, tok, device), prompts)["acc"]
+
+
+def recall_suite(name, model, tok, prompts, device, batch_size):
+    """Scores of one model on every (task, length) cell of prompts, with the means the table and plots show."""
+    gen = make_generate_fn(model, tok, device, batch_size)
+    cells, by_depth, examples = {}, {}, {}
+    for (task, L), ps in prompts.items():
+        t0 = time.time()
+        s = score_task(gen, ps)
+        cells.setdefault(task, {})[str(L)] = s["acc"]
+        by_depth.setdefault(task, {})[str(L)] = s["by_depth"]
+        examples.setdefault(task, {})[str(L)] = dict(answers=ps[0]["answers"], output=s["outputs"][0])
+        print(f"{name} | {task} @ {L} | acc {s['acc']:.3f} | {time.time() - t0:.1f}s", flush=True)
+    lengths = list(next(iter(cells.values())))
+    return dict(avg=mean([a for c in cells.values() for a in c.values()]),
+                by_task={t: mean(list(c.values())) for t, c in cells.items()},
+                by_length={L: mean([c[L] for c in cells.values()]) for L in lengths},
+                by_task_length=cells, by_depth=by_depth, examples=examples)
 
 
 # ------------------------------------------------------------------------------------------- quality and speed
@@ -368,8 +391,9 @@ def summarize(models, batches):
     rows = {}
     add = lambda label, f: rows.__setitem__(label, {n: f(m) for n, m in models.items()})
     add("softmax layers", lambda m: f"{m['mixers'].count('attn')}/{len(m['mixers'])}")
-    add("ppl", lambda m: m.get("ppl"))
-    add("KL to teacher", lambda m: m.get("kl"))
+    if all(m.get("ppl") for m in models.values()):
+        add("ppl", lambda m: m["ppl"])
+        add("KL to teacher", lambda m: m["kl"])
     if all(m.get("recall") for m in models.values()):
         first = next(iter(models.values()))["recall"]
         add("recall avg", lambda m: m["recall"]["avg"])
@@ -485,7 +509,7 @@ def main(cfg):
     for p in paths:
         meta_path = os.path.join(os.path.dirname(p), "meta.json")
         meta = json.load(open(meta_path)) if os.path.exists(meta_path) else load_checkpoint(p)[1]
-        inherit(cfg, meta.get("config", {}), ["teacher"])
+        inherit(cfg, meta.get("config", {}), ["teacher", "data_dir"])
     teacher_source = cfg.teacher or "smollm2"
     print(f"evaluating: teacher ({teacher_source})" + "".join(f", {n} ({p})" for n, p in zip(names, paths)))
 
@@ -524,21 +548,7 @@ def main(cfg):
             print(f"{name} | ppl {r['ppl']:.3f} | KL {r['kl']:.4f} | {r['ppl_tokens']:,} tokens | "
                   f"{time.time() - t0:.1f}s", flush=True)
         if prompts:
-            gen = make_generate_fn(model, tok, device, cfg.batch_size)
-            cells, by_depth, examples = {}, {}, {}
-            for (task, L), ps in prompts.items():
-                t0 = time.time()
-                s = score_task(gen, ps)
-                cells.setdefault(task, {})[str(L)] = s["acc"]
-                by_depth.setdefault(task, {})[str(L)] = s["by_depth"]
-                examples.setdefault(task, {})[str(L)] = dict(answers=ps[0]["answers"], output=s["outputs"][0])
-                print(f"{name} | {task} @ {L} | acc {s['acc']:.3f} | {time.time() - t0:.1f}s", flush=True)
-            mean = lambda xs: sum(xs) / len(xs)
-            r["recall"] = dict(
-                avg=mean([a for c in cells.values() for a in c.values()]),
-                by_task={t: mean(list(c.values())) for t, c in cells.items()},
-                by_length={str(L): mean([cells[t][str(L)] for t in tasks]) for L in lengths},
-                by_task_length=cells, by_depth=by_depth, examples=examples)
+            r["recall"] = recall_suite(name, model, tok, prompts, device, cfg.batch_size)
         if path is not None:
             del model
             free(cuda)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import model as M
-from common import Logger, autocast, banner, check_finite, inherit, kl_div_chunked, parse_args, pick_device, print_config
+from common import (Logger, autocast, banner, check_finite, inherit, kl_div_chunked, parse_args, pick_device,
+                    print_config)
 from distill import batch_at, load_teachers, open_data, set_lr, teacher_hidden
 
 
@@ -88,7 +89,7 @@ def losses(model, forward, teacher, batch, cfg, device):
 
 @torch.no_grad()
 def validate(model, teacher, batches, cfg, device):
-    """Held-out mean cross-entropy (and KL to the teacher when kl_weight > 0)."""
+    """Held-out mean cross-entropy and perplexity (and KL to the teacher when kl_weight > 0)."""
     model.eval()
     ce = kl = 0.0
     for batch in batches:
@@ -96,7 +97,8 @@ def validate(model, teacher, batches, cfg, device):
         ce, kl = ce + float(c), kl + (float(k) if k is not None else 0.0)
     model.train()
     n = max(len(batches), 1)
-    return {"valid_ce": ce / n, **({"valid_kl": kl / n} if cfg.kl_weight else {})}
+    metrics = {"valid_ce": ce / n, "valid_ppl": math.exp(min(ce / n, 50.0))}
+    return {**metrics, "valid_kl": kl / n} if cfg.kl_weight else metrics
 
 
 # ---------------------------------------------------------------------------------------------------------- main

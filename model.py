@@ -195,10 +195,12 @@ class Attention(nn.Module):
             cache["v"][:, :, pos:pos + T] = v
             cache["pos"] = pos + T
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
-            # Query i (absolute position pos + i) sees keys 0 .. pos + i; one new token sees everything.
-            mask = None if T == 1 else torch.arange(pos + T, device=x.device) <= pos + torch.arange(
+            # Query i (absolute position pos + i) sees keys 0 .. pos + i; one new token sees everything. A prefill
+            # from position 0 is plain causal attention, which keeps SDPA on its flash kernel (no T x T mask).
+            mask = None if T == 1 or pos == 0 else torch.arange(pos + T, device=x.device) <= pos + torch.arange(
                 T, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.H != self.Hkv)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0 and T > 1,
+                                               enable_gqa=self.H != self.Hkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.K))
 
 

@@ -64,13 +64,13 @@ case "$PRESET" in
   cpu)
     echo "=================================================================================================="
     echo " No GPU: running the small CPU preset (a few steps per stage, 64-token sequences, every layer scored"
-    echo " for 4 steps). It checks that the pipeline runs end to end; its numbers mean nothing."
+    echo " for 1 step). It checks that the pipeline runs end to end; its numbers mean nothing."
     echo "=================================================================================================="
     DATA_P="--max_tokens=400000 --valid_tokens=40000"
-    ALIGN_P="--steps=10 --batch_size=4 --seq_len=64 --log_every=5 --valid_batches=1"
-    SCORE_P="--steps=4 --eval_every=2 --patience=2 --batch_size=2 --seq_len=64 --warmup=0"
-    DISTILL_P="--steps=10 --batch_size=2 --seq_len=64 --warmup=0 --valid_batches=2 --save_every=0"
-    FINETUNE_P="--steps=5 --batch_size=2 --warmup=0 --kl_weight=0.5 --valid_batches=2 --save_every=0"
+    ALIGN_P="--steps=4 --batch_size=2 --seq_len=64 --log_every=1 --valid_batches=1"
+    SCORE_P="--steps=1 --eval_every=1 --patience=0 --batch_size=2 --seq_len=64 --warmup=0"
+    DISTILL_P="--steps=6 --batch_size=2 --seq_len=64 --warmup=0 --valid_batches=2 --save_every=0"
+    FINETUNE_P="--steps=4 --batch_size=2 --warmup=0 --kl_weight=0.5 --valid_batches=2 --save_every=0"
     EVAL_P="--lengths=512 --n=2 --ppl_seq_len=64 --ppl_windows=4 --batch_size=2"
     ;;
   *) echo "run.sh: --preset must be auto, gpu or cpu (got '$PRESET')" >&2; exit 2 ;;

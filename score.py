@@ -13,9 +13,9 @@ layers with the lowest scores; smaller budgets are prefixes of the same ranking.
 
 Each round computes the teacher's hidden states once per batch and steps every probe on them (one teacher forward
 for L probes). Probes train together as many as memory holds (on the GPU; those that do not fit there wait in CPU
-memory between their turns); more layers than that run in groups, later groups ranking against the stored curves of earlier ones,
-truncated to the same step. scores.json is rewritten (atomically) after every round; a finished layer (all steps, or
-early-stopped) is never recomputed when the same settings run again, an unfinished one restarts.
+memory between their turns); more layers than that run in groups, later groups ranking against the stored curves
+of earlier ones, cut to the same step. scores.json is rewritten (atomically) after every round; a finished layer
+(all steps, or early-stopped) is never recomputed when the same settings run again; an unfinished one restarts.
 
 Reads  out/<run>/align/ckpt.pt, the teacher and token files named in its config.
 Writes out/<run>/score/scores.json: per layer {score, curve, steps, tokens, early_stopped, stopped_at, finished},
@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -74,7 +74,7 @@ SETTINGS = ("input", "teacher", "data_dir", "budget", "steps", "eval_every", "pa
 
 
 def late_mean(curve, step, late_frac):
-    """The score: mean of the curve's last late_frac, with the curve cut at `step` (so layers compare at equal steps)."""
+    """The score: mean of the last late_frac of the curve cut at `step` (so that layers compare at equal steps)."""
     curve = curve[:step]
     n = max(1, math.ceil(late_frac * len(curve)))
     return sum(curve[-n:]) / n
@@ -171,8 +171,9 @@ def main(cfg):
     tokens_per_step = cfg.batch_size * cfg.seq_len
     group_size, resident = plan(cfg, sum(p.numel() for p in base.parameters()), len(todo), device)
     banner("score (KL-guided layer scoring)", device, base, tokens_per_step)
-    print(f"probes: {group_size} at a time, {resident} of them kept on {device} (the rest wait in CPU memory); "
-          f"{cfg.steps} steps each at most, in rounds of {cfg.eval_every}")
+    parked = f", {group_size - resident} of them waiting in CPU memory between turns" if resident < group_size else ""
+    print(f"probes: {group_size} at a time on {device}{parked}; {cfg.steps} steps each at most, "
+          f"in rounds of {cfg.eval_every}")
 
     def save():
         at = min((len(c) for c in done.values()), default=0)
@@ -199,7 +200,8 @@ def main(cfg):
         step, stable, top = 0, 0, None
         while step < cfg.steps:
             n = min(cfg.eval_every, cfg.steps - step)
-            batches = [batch_at(train, cfg, cfg.seed, step + i, device)[:, :-1] for i in range(n)]  # same for all probes
+            # the same batches for every probe, and the teacher's forward pass once per batch for all of them
+            batches = [batch_at(train, cfg, cfg.seed, step + i, device)[:, :-1] for i in range(n)]
             hidden = [teacher_hidden(teacher, idx, device) for idx in batches]
             for l, probe in probes.items():
                 t0 = time.time()
