@@ -195,12 +195,19 @@ class Attention(nn.Module):
             cache["v"][:, :, pos:pos + T] = v
             cache["pos"] = pos + T
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
-            # Query i (absolute position pos + i) sees keys 0 .. pos + i; one new token sees everything. A prefill
-            # from position 0 is plain causal attention, which keeps SDPA on its flash kernel (no T x T mask).
-            mask = None if T == 1 or pos == 0 else torch.arange(pos + T, device=x.device) <= pos + torch.arange(
-                T, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0 and T > 1,
-                                               enable_gqa=self.H != self.Hkv)
+            if T == 1:
+                # One new token sees every cached key: two small matmuls, each query head grouped with its KV head.
+                # (SDPA would meet a new key length at every step, and some of its backends plan per shape.)
+                G = self.H // self.Hkv
+                s = (q.view(B, self.Hkv, G, self.K) @ k.transpose(-1, -2)).float() * self.K ** -0.5
+                y = (s.softmax(-1).to(v.dtype) @ v).view(B, self.H, 1, self.K)
+            else:
+                # Query i (absolute position pos + i) sees keys 0 .. pos + i. A prefill from position 0 is plain
+                # causal attention, which keeps SDPA on its flash kernel (no T x T mask).
+                mask = None if pos == 0 else torch.arange(pos + T, device=x.device) <= pos + torch.arange(
+                    T, device=x.device)[:, None]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                                   enable_gqa=self.H != self.Hkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.K))
 
 
@@ -620,7 +627,8 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     emitting it; generation stops when all have."""
     B, T = idx.shape
     cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(idx, cache=cache)[:, -1].float()
+    # the prefill's last position only: logits of every position would be B x T x vocab floats
+    logits = model.lm_head(model(idx, cache=cache, return_hidden=True)[:, -1]).float()
     out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
         if temperature == 0:

@@ -30,14 +30,15 @@ hybrid() {  # hybrid METHOD K: select K layers by METHOD, distill that hybrid
   t "select_$1_$2" $PY select_layers.py "${R[@]}" --method="$1" --budget="$2" --out="selection_$1_$2.json" &&
   t "distill_$1_$2" $PY distill.py "${R[@]}" --selection="$D/select/selection_$1_$2.json" --out="distill_$1_$2" "${DIST[@]}"
 }
-hybrid kl 8; hybrid kl 4
+for k in 8 4; do for method in kl uniform ga_s1; do hybrid "$method" "$k"; done; done
 t distill_linear $PY distill.py "${R[@]}" --layers=none --out=distill_linear "${DIST[@]}"
+# Quality and recall of every hybrid, the all-linear students (Stage 1 alone, and after distill) and the teacher.
+MODELS="$D/align/ckpt.pt"
+for m in kl_8 uniform_8 ga_s1_8 kl_4 uniform_4 ga_s1_4 linear; do MODELS="$MODELS,$D/distill_$m/ckpt.pt"; done
+t eval $PY eval.py "${R[@]}" --data_dir="$DATA_DIR" --models="$MODELS" --lengths=1024,2048,4096 --n="${EVAL_N:-20}" \
+  --batch_size=60 --speed=off
 # Speed and memory depend on the layout only (K softmax layers), so they are measured once per budget.
 t eval_speed $PY eval.py --run="${RUN}_speed" --out_dir="$OUT_DIR" --data_dir="$DATA_DIR" --ppl_windows=8 \
   --models="$D/distill_kl_8/ckpt.pt,$D/distill_kl_4/ckpt.pt,$D/distill_linear/ckpt.pt" --tasks=mqar --lengths=1024 --n=2 \
   --speed=on --speed_lengths=1024,4096,16384,32768
-hybrid uniform 8; hybrid ga_s1 8; hybrid uniform 4; hybrid ga_s1 4
-MODELS=""
-for m in kl_8 uniform_8 ga_s1_8 kl_4 uniform_4 ga_s1_4 linear; do MODELS="$MODELS,$D/distill_$m/ckpt.pt"; done
-t eval $PY eval.py "${R[@]}" --data_dir="$DATA_DIR" --models="${MODELS#,}" --lengths=1024,2048,4096 --n="${EVAL_N:-20}" --speed=off
 cat "$D/logs/times.txt"
