@@ -56,6 +56,7 @@ triton was first imported: then the Triton kernels run in the interpreter (that 
 
     python -m pytest -q tests/test_kernels.py             # CPU: PyTorch path + Triton interpreter (child process)
     python kernels.py --shapes=small --no-fla             # GPU benchmark: ms of ours, fla, SDPA; --json=path
+    python kernels.py --shapes=4,5,6                      # only those rows of SHAPES (0-based; default: all)
 """
 
 import json
@@ -300,6 +301,19 @@ def _attention_exact(pq, pk, m, g, n, bh, T, H, K: tl.constexpr, BT: tl.constexp
 
 
 @triton.jit
+def _bwd_tiles(q, k, v, g, do, n, bh, T, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
+    """What both backward kernels start a chunk with: its base-2 gates g2 and their cumulative sum b ([BT, K]), the
+    row index t, the row mask m and the pointers of its q, k ([BT, K]), v, do ([BT, V]) tiles."""
+    g2 = _log2_gates(g, n, bh, T, H, K, BT)
+    b = tl.cumsum(g2, axis=0)  # [BT, K]
+    pq, m = _tile(q, n, bh, T, H, K, BT)
+    pk, _ = _tile(k, n, bh, T, H, K, BT)
+    pv, _ = _tile(v, n, bh, T, H, V, BT)
+    pdo, _ = _tile(do, n, bh, T, H, V, BT)
+    return g2, b, tl.arange(0, BT), m, pq, pk, pv, pdo
+
+
+@triton.jit
 def _chunk_bwd_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, head) whose decay allows the factorization (the others: _chunk_bwd_exact_kernel). With
@@ -309,13 +323,7 @@ def _chunk_bwd_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H,
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     if tl.load(exact + bh * NT + n) == 0:
-        g2 = _log2_gates(g, n, bh, T, H, K, BT)
-        b = tl.cumsum(g2, axis=0)  # [BT, K]
-        pq, m = _tile(q, n, bh, T, H, K, BT)
-        pk, _ = _tile(k, n, bh, T, H, K, BT)
-        pv, _ = _tile(v, n, bh, T, H, V, BT)
-        pdo, _ = _tile(do, n, bh, T, H, V, BT)
-        t = tl.arange(0, BT)
+        g2, b, t, m, pq, pk, pv, pdo = _bwd_tiles(q, k, v, g, do, n, bh, T, H, K, V, BT)
         kv = tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
         i = bh.to(tl.int64) * (NT + 1) + n
         do_ = tl.load(pdo, mask=m, other=0.)  # [BT, V]
@@ -355,13 +363,7 @@ def _chunk_bwd_exact_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale,
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     if tl.load(exact + bh * NT + n) != 0:
-        g2 = _log2_gates(g, n, bh, T, H, K, BT)
-        b = tl.cumsum(g2, axis=0)  # [BT, K]
-        pq, m = _tile(q, n, bh, T, H, K, BT)
-        pk, _ = _tile(k, n, bh, T, H, K, BT)
-        pv, _ = _tile(v, n, bh, T, H, V, BT)
-        pdo, _ = _tile(do, n, bh, T, H, V, BT)
-        t = tl.arange(0, BT)
+        g2, b, t, m, pq, pk, pv, pdo = _bwd_tiles(q, k, v, g, do, n, bh, T, H, K, V, BT)
         q_ = tl.load(pq, mask=m, other=0.).to(tl.float32) * scale  # [BT, K]
         k_ = tl.load(pk, mask=m, other=0.).to(tl.float32)  # [BT, K]
         v_ = tl.load(pv, mask=m, other=0.)  # [BT, V]
@@ -504,6 +506,19 @@ SHAPES = [(8, 2048, 9, 64), (4, 4096, 9, 64), (2, 8192, 9, 64), (8, 2048, 16, 12
           (2, 16384, 16, 128), (1, 32768, 16, 128)]
 
 
+def _bench_shapes(spec):
+    """--shapes: None (the flag absent) = all of SHAPES, "small" = the first four, "4,5,6" = those indices."""
+    if spec is None:
+        return SHAPES
+    if spec == "small":
+        return SHAPES[:3] + SHAPES[3:4]
+    idx = [int(s) if s.isdecimal() else -1 for s in spec.split(",")]
+    if not all(0 <= i < len(SHAPES) for i in idx):
+        raise SystemExit(f"--shapes={spec}: expected 'small' or comma-separated indices into SHAPES, each in "
+                         f"0..{len(SHAPES) - 1}: " + ", ".join(f"{i}={x}" for i, x in enumerate(SHAPES)))
+    return [SHAPES[i] for i in idx]
+
+
 def _bench_one(fn, inputs, do):
     """(ms forward, ms forward+backward) of fn(*inputs) -> o: do_bench medians; None (n/a) if it fails (OOM)."""
     from triton.testing import do_bench
@@ -522,7 +537,7 @@ def _bench_one(fn, inputs, do):
 
 def main(argv):
     args = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), "1") for a in argv)
-    shapes = SHAPES[:3] + SHAPES[3:4] if args.get("shapes") == "small" else SHAPES
+    shapes = _bench_shapes(args.get("shapes"))
     fla = None
     if "no-fla" not in args:
         try:

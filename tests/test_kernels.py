@@ -149,3 +149,13 @@ def test_child_runs_triton_tests():
                         "-k", "triton and not child"], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+
+
+def test_bench_shapes_flag():  # kernels.py --shapes=...: parsed before any GPU work
+    assert kernels._bench_shapes(None) == kernels.SHAPES
+    assert kernels._bench_shapes("small") == kernels.SHAPES[:4]
+    assert kernels._bench_shapes("4,5,6") == kernels.SHAPES[4:7]
+    assert kernels._bench_shapes("6,0") == [kernels.SHAPES[6], kernels.SHAPES[0]]
+    for bad in ("7", "-1", "1,,2", "", "big", "1.5"):
+        with pytest.raises(SystemExit, match=r"0\.\.6"):
+            kernels._bench_shapes(bad)
