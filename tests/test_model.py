@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import model
-from model import GLA, ModelConfig, Transformer, from_pretrained, generate, load_checkpoint, save_checkpoint
+from model import GLA, ModelConfig, Transformer, decoder, from_pretrained, generate, load_checkpoint, save_checkpoint
 
 Q = gguf.GGMLQuantizationType
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -456,6 +456,38 @@ def test_cached_decoding_equals_recompute():
     for _ in range(8):
         ref = torch.cat([ref, m(ref)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref)
+
+
+def test_cache_full_is_a_clear_error():
+    m = hybrid()
+    with torch.no_grad():
+        cache = m.new_cache(1, 6)
+        m(tokens(B=1, T=5, vocab=97), cache=cache)
+        decoder(m, cache)(tokens(B=1, T=1, vocab=97))
+        with pytest.raises(ValueError, match=r"cache full: 6 \+ 1 tokens > max_len 6"):
+            m(tokens(B=1, T=1, vocab=97), cache=cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_decoding_equals_eager(amp):
+    # decoder() records the step as a CUDA graph on its second call and replays it after: the logits of every step
+    # equal eager decoding's (fp32 weights, with and without bf16 autocast as eval.py runs it).
+    m = hybrid(("attn", "gla", "gla", "attn")).cuda()
+    idx = tokens(B=3, T=11, vocab=97).cuda()
+    runs = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        for graphs in (True, False):
+            cache = m.new_cache(3, 30)
+            m(idx, cache=cache)
+            step = decoder(m, cache) if graphs else (lambda x: m(x, cache=cache)[:, -1].float())
+            x, logits = idx[:, -1:], []
+            for _ in range(12):
+                logits.append(step(x))
+                x = logits[-1].argmax(-1, keepdim=True)
+            assert cache.pos == cache.pos_t.item() == 23
+            runs.append(torch.stack(logits))
+    assert (runs[0] - runs[1]).abs().max() < (2e-2 if amp else 1e-4)
 
 
 def test_generate_sampling_and_eos():
