@@ -26,6 +26,7 @@ refuse data made with a different tokenizer than their teacher's.
 
 import dataclasses
 import glob
+import gzip
 import json
 import os
 import time
@@ -46,7 +47,7 @@ VALID_PREFIXES = ("valid", "val.", "val_", "validation", "test")
 # Encoded with the tokenizer and stored in meta.json: two tokenizers that agree on the vocabulary size, the EOS id and
 # these ids are treated as the same tokenizer, whatever path they were loaded from.
 PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 naïve café ∑x² — 你好, мир!\n\tdef f(x): return x"
-# Prompts for --data=teacher ("" = the BOS token alone); rotated over generation batches.
+# Prompts for --data=teacher ("" = the start token alone, see iter_teacher); rotated over generation batches.
 PROMPTS = ["", "The", "In", "A", "This", "Once upon a time", "Introduction", "How to", "Question:", "def "]
 
 
@@ -156,16 +157,19 @@ def list_files(path):
 
 
 def iter_local(files, text_key):
-    """Documents of local files through `datasets` (streamed, so nothing is cached): one row or one .txt file each."""
-    import datasets
+    """Documents of local files, one per JSON line or .txt file (read directly); .json and .parquet files through
+    `datasets` (streamed, so nothing is cached), one per row."""
     for f in files:
-        if f.endswith(".parquet"):
-            ds = datasets.load_dataset("parquet", data_files=[f], split="train", streaming=True)
+        if f.endswith((".jsonl", ".jsonl.gz")):
+            with (gzip.open if f.endswith(".gz") else open)(f, "rt", encoding="utf-8") as lines:
+                yield from texts((json.loads(line) for line in lines if line.strip()), text_key, f)
         elif f.endswith(".txt"):
-            ds = datasets.load_dataset("text", data_files=[f], split="train", streaming=True, sample_by="document")
+            with open(f, encoding="utf-8") as text:
+                yield text.read()
         else:
-            ds = datasets.load_dataset("json", data_files=[f], split="train", streaming=True)
-        yield from texts(ds, text_key, f)
+            import datasets
+            kind = "parquet" if f.endswith(".parquet") else "json"
+            yield from texts(datasets.load_dataset(kind, data_files=[f], split="train", streaming=True), text_key, f)
 
 
 def iter_hub(repo_id, config, text_key):
@@ -187,10 +191,12 @@ def iter_teacher(cfg, tok):
     device = pick_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = from_pretrained(cfg.teacher, dtype=dtype, device=device).eval()
-    prompts = [p for p in PROMPTS if p or tok.bos_id is not None]
     stops = set(getattr(tok, "stop_ids", None) or [tok.eos_id])   # EOS, and the end of a chat turn
+    # A document starts as the model saw documents start: after BOS if its tokenizer adds one, else after the EOS
+    # of a previous document (SmolLM2's BOS is <|im_start|>, the start of a chat turn, not of a text).
+    start = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else [tok.eos_id]
     for b in range(10**9):
-        prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompts[b % len(prompts)])
+        prompt = start + tok.encode(PROMPTS[b % len(PROMPTS)])
         torch.manual_seed(cfg.seed * 1_000_003 + b)
         idx = torch.tensor([prompt] * cfg.gen_batch, device=device)
         out = generate(model, idx, cfg.gen_len, temperature=1.0, eos_id=tok.eos_id).tolist()
@@ -198,8 +204,8 @@ def iter_teacher(cfg, tok):
             new = row[len(prompt):]
             cut = [i for i, t in enumerate(new) if t in stops]
             new = new[:cut[0]] if cut else new
-            if new:
-                yield row[:len(prompt)] + new
+            if new:  # the prompt's text and what followed, without the start token (text documents have none)
+                yield row[len(start):len(prompt)] + new
 
 
 # ------------------------------------------------------------------------------------------------------- writing

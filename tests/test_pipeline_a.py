@@ -92,6 +92,38 @@ def test_data_from_teacher(run, tmp_path):
     assert train[-1] == meta["eos_id"] and (train == meta["eos_id"]).sum() == m["train_docs"]
 
 
+def test_teacher_samples_start_as_documents_start(run, monkeypatch):
+    """Sampling starts after BOS only for a tokenizer that adds one; else after an EOS, as documents follow one
+    another in the token files (SmolLM2's BOS is <|im_start|>, which opens a chat turn)."""
+    import model
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(run.teacher)
+    seen = []
+
+    def fake_generate(m, idx, n, **kw):
+        seen.append(idx[0].tolist())
+        return torch.cat([idx, torch.full((idx.shape[0], n), 7)], 1)  # 7: an ordinary token, never a stop
+    monkeypatch.setattr(model, "generate", fake_generate)
+    cfg = cfg_of(data, data="teacher", teacher=run.teacher, gen_batch=2, gen_len=3)
+    for add_bos in (False, True):
+        monkeypatch.setattr(tok, "add_bos", add_bos)
+        doc = next(data.iter_teacher(cfg, tok))
+        assert seen[-1][0] == (tok.bos_id if add_bos and tok.bos_id is not None else tok.eos_id)
+        assert seen[-1][1:] == tok.encode(data.PROMPTS[0])
+        assert doc == seen[-1][1:] + [7] * 3  # the document: prompt text and sample, no start token
+
+
+def test_local_jsonl_and_txt_need_no_datasets(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "second\ndoc"}) + "\n")
+    (tmp_path / "b.txt").write_text("a whole\nfile", encoding="utf-8")
+    files = [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.txt")]
+    assert list(data.iter_local(files, "text")) == ["first doc", "second\ndoc", "a whole\nfile"]
+    with pytest.raises(KeyError, match="no field 'body'"):
+        list(data.iter_local(files[:1], "body"))
+
+
 def test_get_batch_determinism(run):
     tokens = data.load_tokens(os.path.join(run.dir, "data"), "train")
     a = data.get_batch(tokens, 4, 32, data.batch_rng(7, 3))
