@@ -10,18 +10,8 @@ the same run, and every student number has the teacher's beside it.
     ppl = exp(mean_t -log q(x_t+1 | x_<=t))      KL = mean_t sum_v p(v | x_<=t) (log p - log q)   (p teacher, q student)
     on windows of --ppl_seq_len tokens of the valid split (data.py's valid.bin).
 
-Recall (RULER-style, generated here with the teacher's tokenizer, the same prompts for every model): each prompt is
-trimmed by tokens to the requested length (template and chat format included), the model answers greedily after an
-answer prefix, and a prompt scores the fraction of its expected answers found in the output as whole words (RULER's
-string_match_all: 0 or 1 for one-answer tasks, k/4 for four-answer ones).
-    niah_single      "One of the special magic numbers for <key> is: <7 digits>." in a haystack
-    niah_multikey    the same with 3 distractor needles of other keys
-    niah_multivalue  4 numbers for one key, all asked
-    niah_multiquery  4 keys with a number each, all asked at once
-    vt               variable tracking: VAR A = 12345, VAR B = VAR A, ... (4 hops); which variables equal 12345?
-    mqar             multi-query associative recall: the whole context is "key: value" lines; 4 keys asked
-Depth (swept over --depths) is where the first needle / assignment / asked pair sits; the others are at random places.
-The haystack is RULER's repeated "The grass is green. ..." or the text of --haystack.
+Recall: the suite of recall.py (needle-in-a-haystack with one needle, several keys, values or queries; variable
+tracking; multi-query associative recall), the same prompts for every model.
 
 Speed (GPU, bf16 weights; CPU only with --speed=on): the path of model.generate. Prefill of T random tokens
 (chunked GLA kernel; causal SDPA for attention), then --decode_tokens greedy steps through model.decoder (on the GPU
@@ -45,11 +35,8 @@ import glob
 import json
 import math
 import os
-import random
-import re
 import time
 from dataclasses import asdict, dataclass
-from itertools import groupby
 
 import numpy as np
 import torch
@@ -57,25 +44,9 @@ import torch.nn.functional as F
 
 import data
 from common import autocast, inherit, kl_div_chunked, parse_args, pick_device, print_config, write_json
-from model import decoder, from_pretrained, generate, load_checkpoint
+from model import decoder, from_pretrained, load_checkpoint
+from recall import FILLER, TASKS, make_prompts, recall_suite
 from tokenizer import load_tokenizer
-
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "mqar")
-DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-ADJECTIVES = ("able acid angry brave bright calm clever cold curly damp dark eager early fair fancy fast fierce flat "
-              "fresh gentle giant glad golden grand happy heavy hollow honest huge icy jolly kind large late lazy "
-              "loud lucky magic mellow mighty misty modern narrow noble odd old pale plain polite proud quick quiet "
-              "rapid rare rich rough royal rusty sharp shiny silent silver sleepy slow small smooth soft solid sour "
-              "spicy steady stormy strange sunny sweet swift tall tame tidy tiny wild windy wise young").split()
-NOUNS = ("apple badge basket beach bell bird blanket boat bottle bridge brush bucket button cabin camera candle "
-         "castle cave chair cloud coat comet desk dragon drum eagle engine feather fence flute forest fox garden "
-         "ghost glove hammer harbor helmet island jacket jungle kettle kite ladder lamp lemon lion mango meadow "
-         "mirror monkey needle ocean otter owl palace panda pencil pepper piano pillow planet pocket pony rabbit "
-         "river robot rocket saddle shadow shell spoon statue tiger tower train tulip valley violin wagon whale "
-         "window wizard").split()
-KEYS = [f"{a}-{n}" for a in ADJECTIVES for n in NOUNS]
-
 
 @dataclass
 class Config:
@@ -98,211 +69,6 @@ class Config:
     speed_batch: int = 8            # the larger batch of the speed runs (batch 1 always runs)
     decode_tokens: int = 64         # decode steps timed after the prefill
     device: str = ""                # "" = cuda if available else cpu
-
-
-# ------------------------------------------------------------------------------------------------------ prompts
-
-_HAYSTACK = {}  # (id(tok), haystack) -> (tok, token ids): the haystack is encoded once per tokenizer
-_PROMPTS = {}   # make_prompts results by arguments: select_layers.py asks for the same prompts once per layer
-
-
-def _haystack_ids(tok, haystack, n):
-    """At least n token ids of the haystack text (the file repeated, or the filler sentences repeated)."""
-    key = (id(tok), haystack)
-    if key not in _HAYSTACK or _HAYSTACK[key][0] is not tok or len(_HAYSTACK[key][1]) < n:
-        text = open(haystack, encoding="utf-8").read().strip() if haystack else FILLER
-        reps = n // max(len(tok.encode(text)), 1) + 2
-        _HAYSTACK[key] = (tok, tok.encode((" " if haystack == "" else "\n").join([text] * reps)))
-    return _HAYSTACK[key][1]
-
-
-def _insert(text, needles):
-    """Put each (position in [0, 1], sentence) into text at the sentence boundary nearest the position, in order."""
-    bounds = [0] + [m.end() for m in re.finditer(r"[.!?]\s+|\n", text)] + [len(text)]
-    nearest = lambda x: min(bounds, key=lambda b: abs(b - x))
-    out, prev = [], 0
-    for pos, _, needle in sorted((nearest(f * len(text)), i, s) for i, (f, s) in enumerate(needles)):
-        space = "" if pos == 0 or text[pos - 1].isspace() else " "
-        out += [text[prev:pos], space + needle + " "]
-        prev = pos
-    return "".join(out) + text[prev:]
-
-
-def mean(xs):
-    return sum(xs) / len(xs)
-
-
-def _and(words):
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-
-
-def _task(task, tok, rng, depth, length, haystack):
-    """One prompt's content as build(m) -> (message, answer prefix, answers), m = haystack (or pairs) tokens."""
-    number = lambda digits: str(rng.randrange(10 ** (digits - 1), 10 ** digits))
-    hay = lambda m: tok.decode(_haystack_ids(tok, haystack, m)[:m])
-    if task.startswith("niah_"):
-        n_keys, n_values = {"niah_single": (1, 1), "niah_multikey": (4, 1), "niah_multivalue": (1, 4),
-                            "niah_multiquery": (4, 1)}[task]
-        keys = rng.sample(KEYS, n_keys)
-        values = [[number(7) for _ in range(n_values)] for _ in keys]
-        needles = [f"One of the special magic numbers for {k} is: {v}." for k, vs in zip(keys, values) for v in vs]
-        fracs = [depth] + [rng.random() for _ in needles[1:]]
-        asked = keys if task == "niah_multiquery" else keys[:1]
-        answers = [vs[0] for vs in values] if task == "niah_multiquery" else values[0]
-        many = len(answers) > 1
-        instruction = ("Some special magic numbers are hidden within the following text. Make sure to memorize "
-                       "them. I will quiz you about the numbers afterwards.")
-        question = (f"What {'are all the special magic numbers' if many else 'is the special magic number'} for "
-                    f"{_and(asked)} mentioned in the provided text?")
-        prefix = (f"The special magic number{'s' if many else ''} for {_and(asked)} mentioned in the provided text "
-                  f"{'are' if many else 'is'}:")
-        return lambda m: (f"{instruction}\n{_insert(hay(m), list(zip(fracs, needles)))}\n{question}", prefix, answers)
-    if task == "vt":
-        names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(5)]
-        value = number(5)
-        needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-        fracs = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in names[1:])
-        instruction = "Memorize and track the chain of variable assignments hidden in the following text."
-        question = f"Question: Find all variables that are assigned the value {value} in the text above."
-        prefix = (f"Answer: According to the chain of variable assignments in the text above, {len(names)} "
-                  f"variables are assigned the value {value}, they are:")
-        return lambda m: (f"{instruction}\n{_insert(hay(m), list(zip(fracs, needles)))}\n{question}", prefix, names)
-    if task == "mqar":
-        # The whole context is key: value lines; m tokens hold as many whole lines as fit.
-        lines = [f"{k}: {number(4)}" for k in rng.sample(KEYS, min(len(KEYS), length // 4))]
-        cum = np.cumsum([len(tok.encode(line + "\n")) for line in lines])
-        extra = [rng.random() for _ in range(16)]
-        instruction = "Memorize the following key-value pairs. I will ask you for the values of some keys afterwards."
-
-        def build(m):
-            P = max(int(np.searchsorted(cum, m, side="right")), 1)
-            picks = [round(depth * (P - 1))]
-            for u in extra:
-                if len(picks) < min(4, P) and int(u * P) not in picks:
-                    picks.append(int(u * P))
-            asked = [lines[i].split(": ") for i in picks]
-            what = _and([k for k, _ in asked])
-            message = f"{instruction}\n" + "\n".join(lines[:P]) + f"\nWhat are the values of the keys {what}?"
-            return message, f"The values of the keys {what} are:", [v for _, v in asked]
-        return build
-    raise ValueError(f"unknown recall task {task!r}; tasks: {', '.join(TASKS)}")
-
-
-def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
-    """n prompts of `task`, each `length` tokens long (or a few less): [{prompt, answers, depth, n_tokens}].
-
-    The prompt is the chat-formatted message (tok.chat, when the tokenizer has a chat format) plus an answer prefix,
-    so the next tokens the model writes are the answer. The haystack is trimmed by tokens: m haystack tokens are
-    adjusted by the gap to the target (m += length - tokens) until the prompt hits it; seeded by (task, length, seed)."""
-    args = (id(tok), task, length, n, seed, tuple(depths), haystack)
-    if args in _PROMPTS and _PROMPTS[args][0] is tok:
-        return _PROMPTS[args][1]
-    rng = random.Random(f"{task}/{length}/{seed}")
-    wrap = (lambda msg: tok.chat(msg)) if tok.is_chat else (lambda msg: msg + "\n")
-    prompts, m = [], length
-    for i in range(n):
-        depth = float(depths[i % len(depths)])
-        build = _task(task, tok, rng, depth, length, haystack)
-        best, tried = None, set()
-        while m not in tried and len(tried) < 12:
-            tried.add(m)
-            message, prefix, answers = build(m)
-            prompt = wrap(message) + prefix
-            t = len(tok.encode(prompt))
-            if t <= length and (best is None or t > best["n_tokens"]):
-                best = dict(prompt=prompt, answers=answers, depth=depth, n_tokens=t, message=message, prefix=prefix)
-            if t == length:
-                break
-            m = max(m + length - t, 0)
-        if best is None:
-            raise ValueError(f"{task}: {length} tokens is too short for its instructions and needles "
-                             f"({t} tokens with a haystack of {m}); use a longer length")
-        message, prefix = best.pop("message"), best.pop("prefix")
-        if best["n_tokens"] < length:
-            # A few tokens short (a needle moved a sentence boundary): " ." filler tokens before the question (the
-            # message's last line) make the prompt exactly `length`, so prompts of one length share a generate call.
-            head, question = message.rsplit("\n", 1)
-            padded = wrap(head + " ." * (length - best["n_tokens"]) + "\n" + question) + prefix
-            if len(tok.encode(padded)) == length:
-                best.update(prompt=padded, n_tokens=length)
-        prompts.append(best)
-    _PROMPTS[args] = (tok, prompts)
-    return prompts
-
-
-# ------------------------------------------------------------------------------------------------------ scoring
-
-def answer_score(output, answers):
-    """Fraction of answers found in output as whole words (case and whitespace normalised)."""
-    text = " ".join(output.lower().split())
-    found = [re.search(rf"(?<![0-9a-z]){re.escape(' '.join(a.lower().split()))}(?![0-9a-z])", text) for a in answers]
-    return sum(f is not None for f in found) / len(answers)
-
-
-def score_task(generate_fn, prompts):
-    """generate_fn(list of prompt dicts) -> list of output strings; returns {acc, scores, outputs, by_depth}."""
-    outputs = generate_fn(prompts)
-    scores = [answer_score(o, p["answers"]) for o, p in zip(outputs, prompts)]
-    by_depth = {str(d): mean([s for p, s in zip(prompts, scores) if p["depth"] == d])
-                for d in sorted({p["depth"] for p in prompts})}
-    return dict(acc=mean(scores), scores=scores, outputs=outputs, by_depth=by_depth)
-
-
-def make_generate_fn(model, tok, device, batch_size=8):
-    """The greedy answers of `model`: prompts of equal token length share a generate call (no padding needed)."""
-    # a chat model ends its turn with its end-of-turn token (Llama-3's <|eot_id|>), which need not be eos_id
-    stops = getattr(tok, "stop_ids", None) or [tok.eos_id]
-
-    @torch.no_grad()
-    def generate_fn(prompts):
-        ids = [tok.encode(p["prompt"]) for p in prompts]
-        if getattr(tok, "add_bos", False) and tok.bos_id is not None:  # a base model trained with BOS first
-            ids = [i if i[:1] == [tok.bos_id] else [tok.bos_id] + i for i in ids]
-        outputs = [""] * len(prompts)
-        for T, group in groupby(sorted(range(len(ids)), key=lambda i: len(ids[i])), key=lambda i: len(ids[i])):
-            group = list(group)
-            for s in range(0, len(group), batch_size):
-                rows = group[s:s + batch_size]
-                # room for the answers twice over: models number their lists or repeat the keys ("1. 8751473")
-                new = 2 * max(len(tok.encode(" " + ", ".join(prompts[i]["answers"]))) for i in rows) + 16
-                with autocast(device):
-                    y = generate(model, torch.tensor([ids[i] for i in rows], device=device), new, eos_id=stops[-1])
-                for i, row in zip(rows, y[:, T:].tolist()):
-                    end = min([row.index(t) for t in stops if t in row], default=len(row))
-                    outputs[i] = tok.decode(row[:end])
-        return outputs
-    return generate_fn
-
-
-def recall_accuracy(model, tok, task="mqar", length=512, n=20, seed=0, device="cpu"):
-    """Mean score of `model` on n prompts of one recall task (select_layers.py's ablation uses it)."""
-    prompts = make_prompts(task, tok, length, n, seed)
-    return score_task(make_generate_fn(model, tok, device), prompts)["acc"]
-
-
-def recall_suite(name, model, tok, prompts, device, batch_size):
-    """Scores of one model on every (task, length) cell of prompts, with the means the table and plots show. The
-    prompts of one length go through generate together, whatever their task: decoding steps cost the same for a
-    batch of 8 or 64 rows, so fewer, fuller calls are the fast way."""
-    gen = make_generate_fn(model, tok, device, batch_size)
-    cells, by_depth, examples = {}, {}, {}
-    for L in sorted({L for _, L in prompts}):
-        t0 = time.time()
-        keys = [key for key in prompts if key[1] == L]
-        outputs = iter(gen([p for key in keys for p in prompts[key]]))
-        for task, _ in keys:
-            ps = prompts[(task, L)]
-            s = score_task(lambda ps: [next(outputs) for _ in ps], ps)
-            cells.setdefault(task, {})[str(L)] = s["acc"]
-            by_depth.setdefault(task, {})[str(L)] = s["by_depth"]
-            examples.setdefault(task, {})[str(L)] = dict(answers=ps[0]["answers"], output=s["outputs"][0])
-        print(f"{name} | recall @ {L} | " + " | ".join(f"{t} {cells[t][str(L)]:.3f}" for t, _ in keys)
-              + f" | {time.time() - t0:.1f}s", flush=True)
-    lengths = list(next(iter(cells.values())))
-    return dict(avg=mean([a for c in cells.values() for a in c.values()]),
-                by_task={t: mean(list(c.values())) for t, c in cells.items()},
-                by_length={L: mean([c[L] for c in cells.values()]) for L in lengths},
-                by_task_length=cells, by_depth=by_depth, examples=examples)
 
 
 # ------------------------------------------------------------------------------------------- quality and speed

@@ -10,7 +10,7 @@ arXiv 2512.20569). The other methods are the baselines it is compared against:
               Centred, so that the choice is symmetric and layer 0 is not forced in (L=30, K=8: 1 5 9 13 16 20 24 28)
     ga_s1     the K worst-aligned layers of Stage 1: the largest metrics["layer_losses"] of the align checkpoint
     ablation  zero one layer's attention output in the TEACHER (forward hook), measure the drop of synthetic
-              key-value recall accuracy (eval.recall_accuracy, task mqar) against the intact teacher; keep the K
+              key-value recall accuracy (recall.recall_accuracy, task mqar) against the intact teacher; keep the K
               largest drops
 
 Budget: a fraction of L (0.25 -> round(0.25 * L), at least 1) or a count (8). Ties break toward the lower index.
@@ -44,7 +44,7 @@ class Config:
     align: str = ""                 # ga_s1 (and L for the others): "" -> <out_dir>/<run>/align/ckpt.pt
     n_layers: int = -1              # L; -1 -> from the scores, the align checkpoint or the teacher
     teacher: str = ""               # ablation: "" -> inherited from the align checkpoint's config, else the default
-    task: str = "mqar"              # ablation: recall task of eval.recall_accuracy
+    task: str = "mqar"              # ablation: recall task of recall.recall_accuracy
     length: int = 512               # ablation: context length of the recall prompts
     n: int = 64                     # ablation: prompts per measurement
     device: str = ""                # ablation: "" -> cuda if available else cpu
@@ -107,7 +107,7 @@ def read_kl_scores(path):
 
 def ablation_scores(cfg, teacher_source):
     """Drop in recall accuracy when one teacher layer's attention output is zeroed, for every layer."""
-    from eval import recall_accuracy
+    from recall import recall_accuracy
     from model import from_pretrained
     from tokenizer import load_tokenizer
     device = cfg.device or pick_device()

@@ -13,6 +13,7 @@ import torch
 
 import data
 import eval as ev
+import recall
 import model as M
 from conftest import make_text, write_tiny_llama, write_tokenizer
 from tokenizer import load_tokenizer
@@ -39,7 +40,7 @@ def teacher(tmp_path_factory):
     """A tiny random Llama whose BPE has seen the recall templates, so that a 256-token prompt leaves room for a
     haystack (the shared tiny tokenizer spends ~1 token per character on them)."""
     d = str(tmp_path_factory.mktemp("eval_teacher"))
-    texts = [p["prompt"] for t in ev.TASKS for p in ev.make_prompts(t, ByteTok(), 4000, 5, seed=99)]
+    texts = [p["prompt"] for t in recall.TASKS for p in recall.make_prompts(t, ByteTok(), 4000, 5, seed=99)]
     write_tiny_llama(d, write_tokenizer(d, make_text(200) + texts, vocab_size=1000))
     return d
 
@@ -70,25 +71,25 @@ def oracle(prompts):
     return outs
 
 
-@pytest.mark.parametrize("task", ev.TASKS)
+@pytest.mark.parametrize("task", recall.TASKS)
 def test_prompts_length_answers_depth(tok, task):
     for length in (256, 512):
-        prompts = ev.make_prompts(task, tok, length, n=10, seed=0)
-        assert [p["depth"] for p in prompts] == list(ev.DEPTHS) * 2
+        prompts = recall.make_prompts(task, tok, length, n=10, seed=0)
+        assert [p["depth"] for p in prompts] == list(recall.DEPTHS) * 2
         for p in prompts:
             n = len(tok.encode(p["prompt"]))
             assert n == p["n_tokens"] and length * 0.95 - 16 <= n <= length, (task, length, n)
             assert p["answers"] and all(a in p["prompt"] for a in p["answers"])
         # deterministic for a seed, different for another
-        assert ev.make_prompts(task, tok, length, n=10, seed=0) == prompts
-        assert ev.make_prompts(task, tok, length, n=10, seed=1)[0]["prompt"] != prompts[0]["prompt"]
+        assert recall.make_prompts(task, tok, length, n=10, seed=0) == prompts
+        assert recall.make_prompts(task, tok, length, n=10, seed=1)[0]["prompt"] != prompts[0]["prompt"]
     # the haystack tasks hit the requested length to the token, whatever the tokenizer
     if task != "mqar":
-        assert all(p["n_tokens"] == 1000 for p in ev.make_prompts(task, ByteTok(), 1000, n=5))
+        assert all(p["n_tokens"] == 1000 for p in recall.make_prompts(task, ByteTok(), 1000, n=5))
 
 
 def test_needle_depth_and_chat_format(tok):
-    prompts = ev.make_prompts("niah_single", tok, 512, n=5)
+    prompts = recall.make_prompts("niah_single", tok, 512, n=5)
     where = [p["prompt"].index(p["answers"][0]) for p in prompts]
     assert where == sorted(where) and where[-1] - where[0] > len(prompts[0]["prompt"]) // 2
     assert tok.is_chat and all(p["prompt"].startswith("<|im_start|>") for p in prompts)
@@ -96,25 +97,25 @@ def test_needle_depth_and_chat_format(tok):
 
 def test_too_short_is_a_clear_error(tiny_teacher):
     with pytest.raises(ValueError, match="too short"):
-        ev.make_prompts("niah_multiquery", load_tokenizer(tiny_teacher), 64, n=1)
+        recall.make_prompts("niah_multiquery", load_tokenizer(tiny_teacher), 64, n=1)
 
 
 def test_scoring_oracle_random_partial(tok):
     rng = random.Random(0)
     noise = lambda prompts: [tok.decode([rng.randrange(tok.n_vocab) for _ in range(40)]) for _ in prompts]
-    for task in ev.TASKS:
-        prompts = ev.make_prompts(task, tok, 512, n=10)
-        s = ev.score_task(oracle, prompts)
-        assert s["acc"] == 1.0 and set(s["by_depth"]) == {str(d) for d in ev.DEPTHS}, task
-        assert ev.score_task(noise, prompts)["acc"] <= 0.1, task
-    assert ev.answer_score("The numbers are 1234 and  99.", ["1234", "5678"]) == 0.5
-    assert ev.answer_score("12345", ["1234"]) == 0.0  # whole words only
-    assert ev.answer_score(" abcde, FGHIJ", ["ABCDE", "FGHIJ"]) == 1.0
+    for task in recall.TASKS:
+        prompts = recall.make_prompts(task, tok, 512, n=10)
+        s = recall.score_task(oracle, prompts)
+        assert s["acc"] == 1.0 and set(s["by_depth"]) == {str(d) for d in recall.DEPTHS}, task
+        assert recall.score_task(noise, prompts)["acc"] <= 0.1, task
+    assert recall.answer_score("The numbers are 1234 and  99.", ["1234", "5678"]) == 0.5
+    assert recall.answer_score("12345", ["1234"]) == 0.0  # whole words only
+    assert recall.answer_score(" abcde, FGHIJ", ["ABCDE", "FGHIJ"]) == 1.0
 
 
 def test_recall_accuracy_on_tiny_model(teacher, tok):
     model = M.from_pretrained(teacher).eval()
-    acc = ev.recall_accuracy(model, tok, task="mqar", length=256, n=3, seed=0, device="cpu")
+    acc = recall.recall_accuracy(model, tok, task="mqar", length=256, n=3, seed=0, device="cpu")
     assert isinstance(acc, float) and 0.0 <= acc <= 0.5
 
 
@@ -144,7 +145,7 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
     for m in saved["models"].values():
         r = m["recall"]
         assert set(r) == {"avg", "by_task", "by_length", "by_task_length", "by_depth", "examples"}
-        assert set(r["by_task"]) == set(ev.TASKS) and set(r["by_length"]) == {"256", "384"}
+        assert set(r["by_task"]) == set(recall.TASKS) and set(r["by_length"]) == {"256", "384"}
         assert 0.0 <= r["avg"] <= 1.0
         assert len(m["speed"]) == 4 and all(x["status"] == "ok" for x in m["speed"])
     # the cache: KV buffers only for softmax layers, a fixed fp32 state [B, H, K, V] for each GLA layer

@@ -293,14 +293,14 @@ def test_select_methods(run, monkeypatch):
         calls.append((task, length, n, zeroed))
         return {2: 0.2, 0: 0.5}.get(zeroed[0], 0.9) if zeroed else 1.0
 
-    monkeypatch.setitem(sys.modules, "eval", types.SimpleNamespace(recall_accuracy=fake_recall))
+    monkeypatch.setitem(sys.modules, "recall", types.SimpleNamespace(recall_accuracy=fake_recall))
     sel = select(run, method="ablation", out="abl.json", length=128, n=8)
     assert sel["layers"] == [0, 2] and sel["scores"] == pytest.approx([0.5, 0.1, 0.8, 0.1])
     assert [c[3] for c in calls] == [[], [0], [1], [2], [3]] and calls[0][:3] == ("mqar", 128, 8)
 
 
 def test_select_ablation_with_eval(run):
-    """The ablation through eval.py's real recall_accuracy (the random teacher scores 0; the plumbing is the point)."""
+    """The ablation through recall.py's real recall_accuracy (the random teacher scores 0; the plumbing is the point)."""
     sel = select(run, method="ablation", out="abl_real.json", length=512, n=2)
     assert len(sel["layers"]) == 2 and len(sel["scores"]) == 4 and 0 <= sel["base_accuracy"] <= 1
 
