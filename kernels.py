@@ -485,6 +485,9 @@ class ChunkGLAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, None, (dh0 if h0 is not None else None)
 
 
+# torch.compile (the stages' --compile) runs around this call rather than through it: inductor does not take these
+# Triton kernels apart ("loop-carried variable ... fp32 re-assigned to fp64" in _chunk_output_kernel).
+@torch.compiler.disable
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
     """GLA over a sequence. q, k, g [B, T, H, K]; v [B, T, H, V]; g = log-decay (<= 0); K, V in {16, 32, 64, 128};
     initial_state fp32 [B, H, K, V] or None. Returns (o [B, T, H, V] in the input dtype, final state fp32 or None).

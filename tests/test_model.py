@@ -490,6 +490,22 @@ def test_cuda_graph_decoding_equals_eager(amp):
     assert (runs[0] - runs[1]).abs().max() < (2e-2 if amp else 1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton GLA kernels under torch.compile need a GPU")
+def test_torch_compile_of_a_hybrid_equals_eager():
+    # The stages' --compile: dynamo compiles around chunk_gla (torch.compiler.disable), the result and the gradients
+    # are eager's.
+    m = hybrid(("attn", "gla", "gla", "attn")).cuda()
+    idx = tokens(B=2, T=100, vocab=97).cuda()
+    grads = []
+    for f in (m, torch.compile(m)):
+        m.zero_grad()
+        out = f(idx)
+        out.float().pow(2).mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    (o1, g1), (o2, g2) = grads
+    assert (o1 - o2).abs().max() < 1e-4 and all((a - b).abs().max() < 1e-4 for a, b in zip(g1, g2))
+
+
 def test_generate_sampling_and_eos():
     m = hybrid()
     idx = tokens(B=3, T=5, vocab=97)
