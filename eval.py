@@ -145,7 +145,7 @@ def bench(model, lengths, batches, n_decode, device):
                     decode_tok_s=B * steps / (t3 - t2), decode_ms_per_step=1000 * (t3 - t2) / steps,
                     cache_bytes=kinds["attn"] + kinds["gla"], kv_bytes=kinds["attn"], gla_state_bytes=kinds["gla"],
                     peak_decode_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                    beyond_max_pos=T + steps > model.config.max_position_embeddings)
+                    beyond_max_pos=T + 2 + steps > model.config.max_position_embeddings)
 
     rows, fits = [], {B: True for B in batches}
     for B in batches:

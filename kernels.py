@@ -514,7 +514,7 @@ def _bench_shapes(spec):
     if spec is None:
         return SHAPES
     if spec == "small":
-        return SHAPES[:3] + SHAPES[3:4]
+        return SHAPES[:4]
     idx = [int(s) if s.isdecimal() else -1 for s in spec.split(",")]
     if not all(0 <= i < len(SHAPES) for i in idx):
         raise SystemExit(f"--shapes={spec}: expected 'small' or comma-separated indices into SHAPES, each in "

@@ -687,6 +687,7 @@ def decoder(model, cache):
         return eager
     graph, static = None, {}
 
+    @torch.no_grad()
     def step(x):
         nonlocal graph
         if "x" not in static:

@@ -208,11 +208,15 @@ def make_generate_fn(model, tok, device, batch_size=8):
             group = list(group)
             for s in range(0, len(group), batch_size):
                 rows = group[s:s + batch_size]
-                # room for the answers twice over: models number their lists or repeat the keys ("1. 8751473")
-                new = 2 * max(len(tok.encode(" " + ", ".join(prompts[i]["answers"]))) for i in rows) + 16
+                # each prompt's own budget, room for its answers twice over (models number their lists or repeat
+                # the keys: "1. 8751473"); the batch runs to the largest, each row is cut at its own, so a score
+                # never depends on which prompts shared the batch
+                budget = {i: 2 * len(tok.encode(" " + ", ".join(prompts[i]["answers"]))) + 16 for i in rows}
                 with autocast(device):
-                    y = generate(model, torch.tensor([ids[i] for i in rows], device=device), new, eos_id=stops[-1])
+                    y = generate(model, torch.tensor([ids[i] for i in rows], device=device), max(budget.values()),
+                                 eos_id=stops[-1])
                 for i, row in zip(rows, y[:, T:].tolist()):
+                    row = row[:budget[i]]
                     end = min([row.index(t) for t in stops if t in row], default=len(row))
                     outputs[i] = tok.decode(row[:end])
         return outputs

@@ -13,8 +13,8 @@ import torch
 
 import data
 import eval as ev
-import recall
 import model as M
+import recall
 from conftest import make_text, write_tiny_llama, write_tokenizer
 from tokenizer import load_tokenizer
 
@@ -157,3 +157,21 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
     assert "ppl" in saved["summary"] and "recall avg" in saved["summary"]
     assert any(k.startswith("decode tok/s B=2") for k in saved["summary"])
     assert any("CPU" in n for n in saved["notes"])
+
+
+def test_each_prompt_is_cut_at_its_own_budget(monkeypatch):
+    """Prompts that share a generate call run to the largest budget, but each output is cut at its own: a model
+    that writes the answer late scores the same whichever prompts shared its batch."""
+    tok = ByteTok()
+    tok.stop_ids = [0]
+    short = dict(prompt="xyz", answers=["42"])
+    long_ = dict(prompt="xyz", answers=["1234567", "2345678", "3456789", "4567890"])
+    late = 2 * len(tok.encode(" 42")) + 16  # the short prompt's budget: its answer comes one token too late
+
+    def rambling(model, idx, n, eos_id=None):
+        tail = (tok.encode("a" * late + " 42") + [ord("a")] * n)[:n]
+        return torch.cat([idx, torch.tensor([tail] * len(idx))], 1)
+    monkeypatch.setattr(recall, "generate", rambling)
+    alone = recall.make_generate_fn(None, tok, "cpu", batch_size=1)([short, long_])
+    together = recall.make_generate_fn(None, tok, "cpu", batch_size=2)([short, long_])
+    assert alone == together and "42" not in together[0] and "42" in together[1]

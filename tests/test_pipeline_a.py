@@ -93,8 +93,8 @@ def test_data_from_teacher(run, tmp_path):
 
 
 def test_teacher_samples_start_as_documents_start(run, monkeypatch):
-    """Sampling starts after BOS only for a tokenizer that adds one; else after an EOS, as documents follow one
-    another in the token files (SmolLM2's BOS is <|im_start|>, which opens a chat turn)."""
+    """Sampling starts after BOS only for a tokenizer that adds one; else after the end-of-text token, where
+    pretraining documents start (SmolLM2's BOS and EOS, <|im_start|> and <|im_end|>, belong to chat turns)."""
     import model
     from tokenizer import load_tokenizer
     tok = load_tokenizer(run.teacher)
@@ -108,7 +108,9 @@ def test_teacher_samples_start_as_documents_start(run, monkeypatch):
     for add_bos in (False, True):
         monkeypatch.setattr(tok, "add_bos", add_bos)
         doc = next(data.iter_teacher(cfg, tok))
-        assert seen[-1][0] == (tok.bos_id if add_bos and tok.bos_id is not None else tok.eos_id)
+        endoftext = tok.encode("<|endoftext|>")[0]
+        assert endoftext not in (tok.bos_id, tok.eos_id)
+        assert seen[-1][0] == (tok.bos_id if add_bos else endoftext)
         assert seen[-1][1:] == tok.encode(data.PROMPTS[0])
         assert doc == seen[-1][1:] + [7] * 3  # the document: prompt text and sample, no start token
 
