@@ -121,16 +121,16 @@ def bench(model, lengths, batches, n_decode, device):
 
     def one(B, T, steps):
         idx = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
-        cache = model.new_cache(B, T + 2 + steps)
+        warm = 2  # untimed decoding steps: on the GPU the first warms up, the second records the CUDA graph
+        cache = model.new_cache(B, T + warm + steps)
         sync()
         t0 = time.perf_counter()
         # the hidden state, not the logits: B x T x vocab logits at 32K would dwarf the cache being measured
         nxt = (model(idx, cache=cache, return_hidden=True)[:, -1:] @ head.t()).argmax(-1)
         sync()
         t1 = time.perf_counter()
-        # decoding as generate() does it: on the GPU the first step warms up, the second records a CUDA graph
-        step = decoder(model, cache)
-        for _ in range(2):
+        step = decoder(model, cache)  # decoding as generate() does it
+        for _ in range(warm):
             nxt = step(nxt).argmax(-1, keepdim=True)
         sync()
         t2 = time.perf_counter()
@@ -145,7 +145,7 @@ def bench(model, lengths, batches, n_decode, device):
                     decode_tok_s=B * steps / (t3 - t2), decode_ms_per_step=1000 * (t3 - t2) / steps,
                     cache_bytes=kinds["attn"] + kinds["gla"], kv_bytes=kinds["attn"], gla_state_bytes=kinds["gla"],
                     peak_decode_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                    beyond_max_pos=T + 2 + steps > model.config.max_position_embeddings)
+                    beyond_max_pos=T + warm + steps > model.config.max_position_embeddings)
 
     rows, fits = [], {B: True for B in batches}
     for B in batches:

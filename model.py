@@ -201,8 +201,6 @@ class Attention(nn.Module):
         else:
             # Prefill (or a chunk of tokens) at position pos: write the keys and values, attend over 0 .. pos + T.
             pos = cache["pos"]
-            if pos + T > cache["k"].shape[2]:
-                raise ValueError(f"KV cache full: {pos} + {T} tokens > max_len {cache['k'].shape[2]}")
             cache["k"][:, :, pos:pos + T] = k
             cache["v"][:, :, pos:pos + T] = v
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
@@ -294,6 +292,11 @@ class Cache(list):
         for entry in entries:
             entry["pos_t"] = self.pos_t
 
+    def check_room(self, T):
+        if self.pos + T > self.max_len:
+            raise ValueError(f"cache full: {self.pos} + {T} tokens > max_len {self.max_len}; new_cache(B, max_len) "
+                             f"must hold the prompt and every generated token")
+
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -343,9 +346,7 @@ class Transformer(nn.Module):
         T = idx.shape[1]
         positions = torch.arange(T, device=idx.device)
         if cache is not None:
-            if cache.pos + T > cache.max_len:
-                raise ValueError(f"cache full: {cache.pos} + {T} tokens > max_len {cache.max_len}; new_cache(B, "
-                                 f"max_len) must hold the prompt and every generated token")
+            cache.check_room(T)
             positions = positions + cache.pos_t
             for entry in cache:
                 entry["pos"] = cache.pos
@@ -698,8 +699,7 @@ def decoder(model, cache):
                 out = eager(x)
             torch.cuda.current_stream().wait_stream(side)
             return out
-        if cache.pos + 1 > cache.max_len:
-            raise ValueError(f"cache full: {cache.pos} + 1 tokens > max_len {cache.max_len}")
+        cache.check_room(1)  # a replay runs no Python, so no check inside the model either
         if graph is None:
             graph = torch.cuda.CUDAGraph()
             # autocast's cache of cast weights would hold tensors made while recording: record without it

@@ -148,29 +148,29 @@ def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
     for i in range(n):
         depth = float(depths[i % len(depths)])
         build = _task(task, tok, rng, depth, length, haystack)
-        best, tried = None, set()
+        best, tried = None, set()  # best: (tokens, message, prefix, answers) of the longest prompt that fits
         while m not in tried and len(tried) < 12:
             tried.add(m)
             message, prefix, answers = build(m)
-            prompt = wrap(message) + prefix
-            t = len(tok.encode(prompt))
-            if t <= length and (best is None or t > best["n_tokens"]):
-                best = dict(prompt=prompt, answers=answers, depth=depth, n_tokens=t, message=message, prefix=prefix)
+            t = len(tok.encode(wrap(message) + prefix))
+            if t <= length and (best is None or t > best[0]):
+                best = (t, message, prefix, answers)
             if t == length:
                 break
             m = max(m + length - t, 0)
         if best is None:
             raise ValueError(f"{task}: {length} tokens is too short for its instructions and needles "
                              f"({t} tokens with a haystack of {m}); use a longer length")
-        message, prefix = best.pop("message"), best.pop("prefix")
-        if best["n_tokens"] < length:
+        t, message, prefix, answers = best
+        prompt = wrap(message) + prefix
+        if t < length:
             # A few tokens short (a needle moved a sentence boundary): " ." filler tokens before the question (the
             # message's last line) make the prompt exactly `length`, so prompts of one length share a generate call.
             head, question = message.rsplit("\n", 1)
-            padded = wrap(head + " ." * (length - best["n_tokens"]) + "\n" + question) + prefix
+            padded = wrap(head + " ." * (length - t) + "\n" + question) + prefix
             if len(tok.encode(padded)) == length:
-                best.update(prompt=padded, n_tokens=length)
-        prompts.append(best)
+                prompt, t = padded, length
+        prompts.append(dict(prompt=prompt, answers=answers, depth=depth, n_tokens=t))
     _PROMPTS[args] = (tok, prompts)
     return prompts
 
