@@ -1,8 +1,8 @@
 """
 Data: turn text into flat files of token ids that every training stage samples random windows from.
 
-Each document is encoded with the teacher's own tokenizer and followed by its end-of-sequence token, and all of them
-are concatenated into one long array per split, stored raw on disk (uint16 when the vocabulary fits in 16 bits,
+Each document is encoded with the teacher's own tokenizer and followed by its end-of-text token (<|endoftext|>, or
+EOS for a vocabulary without one), and all of them are concatenated into one long array per split, stored raw on disk (uint16 when the vocabulary fits in 16 bits,
 else uint32) so that a stage can memory-map it and cut windows out of it for free, as nanoGPT does. A training batch
 is B windows of T+1 tokens at random offsets; the offsets come from a generator seeded by (seed, step) alone, so a
 batch's token ids never depend on the number of workers or devices, and a rerun sees the same data.
@@ -185,6 +185,14 @@ def texts(rows, text_key, where):
         yield row[text_key]
 
 
+def doc_end_id(tok):
+    """The token that ends a document: the end-of-text token the model was pretrained with (<|endoftext|>,
+    Llama-3's <|end_of_text|>) when its vocabulary has one, else EOS. An instruct model's EOS usually ends a chat turn
+    (SmolLM2 and Qwen: <|im_end|>), which is not what separates plain-text documents."""
+    ids = (tok.encode(name) for name in ("<|endoftext|>", "<|end_of_text|>"))
+    return next((i[0] for i in ids if len(i) == 1), tok.eos_id)
+
+
 def iter_teacher(cfg, tok):
     """Documents sampled from the teacher, yielded as token-id lists (no need to decode and re-encode them)."""
     from model import from_pretrained, generate
@@ -194,8 +202,7 @@ def iter_teacher(cfg, tok):
     # A document starts as the model saw documents start in pretraining: after BOS if its tokenizer adds one, else
     # after its end-of-text token. An instruct model's BOS and EOS belong to chat turns (SmolLM2: <|im_start|>,
     # <|im_end|>); after them it writes chat, not text.
-    text_end = next((ids[0] for ids in map(tok.encode, ("<|endoftext|>", "<|end_of_text|>")) if len(ids) == 1),
-                    tok.eos_id)
+    text_end = doc_end_id(tok)
     start = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else [text_end]
     stops = set(getattr(tok, "stop_ids", None) or [tok.eos_id]) | {text_end}  # EOS, end of a turn, end of text
     for b in range(10**9):
@@ -223,14 +230,15 @@ def progress(label, tokens, docs, cap, t0):
 
 
 def write_splits(docs, out, cfg, tok, dtype, label="tokenising"):
-    """Encode documents and append them, each followed by EOS, to train.bin / valid.bin (written as .tmp, then moved).
+    """Encode documents and append them, each followed by the end-of-document token (doc_end_id), to train.bin /
+    valid.bin (written as .tmp, then moved).
 
     docs yields (split, text or ids); split is "train", "valid", or None = hold out every valid_every-th document."""
     files = {s: open(os.path.join(out, f"{s}.bin.tmp"), "wb") for s in ("train", "valid")}
     caps = {"train": cfg.max_tokens, "valid": cfg.valid_tokens}
     count = {"train": [0, 0], "valid": [0, 0]}  # tokens, documents
     t0, shown, n_seen = time.time(), 0.0, 0
-    eos = np.array([tok.eos_id], dtype=dtype)
+    eos = np.array([doc_end_id(tok)], dtype=dtype)
     pool = ThreadPoolExecutor(max(1, cfg.threads))
     batch = []
 
@@ -243,7 +251,7 @@ def write_splits(docs, out, cfg, tok, dtype, label="tokenising"):
             if split is None:
                 split = "valid" if n_seen % cfg.valid_every == 0 and count["valid"][0] < caps["valid"] else "train"
             n_seen += 1
-            room = caps[split] - count[split][0] - 1  # the cap is exact: the last document is cut to fit, then EOS
+            room = caps[split] - count[split][0] - 1  # the cap is exact: the last document is cut to fit, then its end
             if not len(ids) or room <= 0:
                 continue
             ids = ids[:room]
@@ -286,8 +294,9 @@ def main(cfg):
 
     # ---- load the tokenizer and pick the source
     tok = load_tokenizer(cfg.teacher)
-    if tok.eos_id is None:
-        raise ValueError(f"the tokenizer of {cfg.teacher!r} has no end-of-sequence token to separate documents")
+    if doc_end_id(tok) is None:
+        raise ValueError(f"the tokenizer of {cfg.teacher!r} has no end-of-text or end-of-sequence token to separate "
+                         "documents")
     dtype = np.uint16 if tok.n_vocab < 2**16 else np.uint32
     kind, where = cfg.data, cfg.data
     if cfg.data == "auto":
@@ -333,7 +342,7 @@ def main(cfg):
     if count["train"][0] == 0 or count["valid"][0] == 0:
         raise ValueError(f"no {'train' if count['train'][0] == 0 else 'valid'} tokens came out of {where}: "
                          "check --text_key and the files, or lower --valid_every")
-    meta = {"tokenizer": tok.source, **fingerprint(tok), "dtype": np.dtype(dtype).name, "source": kind, "data": where,
+    meta = {"tokenizer": tok.source, **fingerprint(tok), "doc_end_id": doc_end_id(tok), "dtype": np.dtype(dtype).name, "source": kind, "data": where,
             "train_tokens": count["train"][0], "valid_tokens": count["valid"][0],
             "train_docs": count["train"][1], "valid_docs": count["valid"][1], "config": dataclasses.asdict(cfg)}
     write_json(os.path.join(out, "meta.json"), meta)

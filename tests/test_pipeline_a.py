@@ -59,16 +59,18 @@ def test_data_files_and_meta(run):
     d = os.path.join(run.dir, "data")
     meta = data.load_meta(d)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.n_vocab and meta["tokenizer"] == tok.source
+    end = data.doc_end_id(tok)  # documents end with <|endoftext|>, not the instruct model's end of turn (its EOS)
+    assert end == meta["doc_end_id"] == tok.encode("<|endoftext|>")[0] != tok.eos_id
     for split in ("train", "valid"):
         docs = corpus_docs(run.corpus, split)
         expected = []
         for text in docs:
-            expected += tok.encode(text) + [tok.eos_id]
+            expected += tok.encode(text) + [end]
         tokens = data.load_tokens(d, split)
         # the corpus's own valid file is the held-out split; every document ends with EOS, in order
         assert np.array_equal(np.asarray(tokens), np.array(expected)), split
         assert meta[f"{split}_docs"] == len(docs) and meta[f"{split}_tokens"] == len(expected)
-        assert int((np.asarray(tokens) == tok.eos_id).sum()) == len(docs)
+        assert int((np.asarray(tokens) == end).sum()) == len(docs)
     data.check_tokenizer(meta, tok)
 
 
@@ -78,7 +80,7 @@ def test_data_cap_and_holdout(run, tmp_path):
     m = data.main(cfg_of(data, data=src, teacher=run.teacher, data_dir=str(tmp_path), max_tokens=3000, valid_every=10))
     meta = data.load_meta(str(tmp_path))
     train = data.load_tokens(str(tmp_path), "train")
-    assert m["train_tokens"] == len(train) == 3000 and train[-1] == meta["eos_id"]
+    assert m["train_tokens"] == len(train) == 3000 and train[-1] == meta["doc_end_id"]
     assert m["valid_docs"] >= 1 and m["valid_tokens"] == len(data.load_tokens(str(tmp_path), "valid"))
 
 
@@ -89,7 +91,7 @@ def test_data_from_teacher(run, tmp_path):
     meta = data.load_meta(str(tmp_path))
     train = np.asarray(data.load_tokens(str(tmp_path), "train"))
     assert meta["source"] == "teacher" and m["train_tokens"] == len(train) == 150 and m["valid_docs"] >= 1
-    assert train[-1] == meta["eos_id"] and (train == meta["eos_id"]).sum() == m["train_docs"]
+    assert train[-1] == meta["doc_end_id"] and (train == meta["doc_end_id"]).sum() == m["train_docs"]
 
 
 def test_teacher_samples_start_as_documents_start(run, monkeypatch):
