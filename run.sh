@@ -52,7 +52,7 @@ fi
 # ---- presets: sizes per stage (steps, batch, sequence length); everything else is each stage's default
 case "$PRESET" in
   gpu)
-    # SmolLM2-135M on one H100: about a quarter of an hour (the README lists each stage's measured time). The
+    # SmolLM2-135M on one H100: 12 minutes (715 s; the README lists each stage's measured time). The
     # sizes of results/reproduce.sh; the paper runs 4096-token sequences and ~600M tokens per stage: scale the
     # steps up (or use *_ARGS) for a stronger hybrid.
     DATA_P="--max_tokens=40000000"
