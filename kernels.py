@@ -539,7 +539,11 @@ def _bench_one(fn, inputs, do):
 
 
 def main(argv):
-    args = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), "1") for a in argv)
+    args = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), "") for a in argv)
+    bad = [k for k, v in args.items() if k not in ("shapes", "json", "no-fla") or (v == "") != (k == "no-fla")]
+    if bad:
+        raise SystemExit(f"kernels.py: bad flag(s) {bad}; usage: python kernels.py [--shapes=small|i,j,..] "
+                         "[--json=path] [--no-fla]")
     shapes = _bench_shapes(args.get("shapes"))
     fla = None
     if "no-fla" not in args:

@@ -159,3 +159,6 @@ def test_bench_shapes_flag():  # kernels.py --shapes=...: parsed before any GPU 
     for bad in ("7", "-1", "1,,2", "", "big", "1.5"):
         with pytest.raises(SystemExit, match=r"0\.\.6"):
             kernels._bench_shapes(bad)
+    for argv in (["--shapes"], ["--json"], ["--no-fla=1"], ["--shape=1"]):  # bare or unknown flags: usage, no GPU
+        with pytest.raises(SystemExit, match="usage: python kernels.py"):
+            kernels.main(argv)
