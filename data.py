@@ -1,8 +1,9 @@
 """
 Data: turn text into flat files of token ids that every training stage samples random windows from.
 
-Each document is encoded with the teacher's own tokenizer and followed by its end-of-text token (<|endoftext|>, or
-EOS for a vocabulary without one), and all of them are concatenated into one long array per split, stored raw on disk (uint16 when the vocabulary fits in 16 bits,
+Each document is encoded with the teacher's own tokenizer (its text as plain text: a literal "<|endoftext|>" in it is
+not the special token) and followed by the end-of-text token the model was pretrained with (doc_end_id), and all of
+them are concatenated into one long array per split, stored raw on disk (uint16 when the vocabulary fits in 16 bits,
 else uint32) so that a stage can memory-map it and cut windows out of it for free, as nanoGPT does. A training batch
 is B windows of T+1 tokens at random offsets; the offsets come from a generator seeded by (seed, step) alone, so a
 batch's token ids never depend on the number of workers or devices, and a rerun sees the same data.
@@ -16,8 +17,8 @@ Where the text comes from (--data):
                valid/val/validation/test is the held-out split; without one, every Nth document is held out.
     <hub id>   any text dataset on the hub, e.g. HuggingFaceFW/fineweb-edu (--hub_config picks its config).
 
-Writes <data_dir>/train.bin, valid.bin and meta.json (tokenizer source and fingerprint, vocabulary size, dtype,
-document and token counts). Stages read it through load_meta / check_tokenizer / load_tokens / get_batch below, and
+Writes <data_dir>/train.bin, valid.bin and meta.json (tokenizer source and fingerprint, vocabulary size, the
+document-end id, dtype, document and token counts). Stages read it through load_meta / check_tokenizer / load_tokens / get_batch below, and
 refuse data made with a different tokenizer than their teacher's.
 
     python data.py --data=../shared/corpus --max_tokens=2000000 --run=smollm2        # offline corpus, 2M tokens
@@ -95,6 +96,9 @@ def check_tokenizer(meta, tok, data_dir="the data folder"):
             f"tokenizer mismatch: {data_dir} was tokenized with {meta.get('tokenizer')!r}, but the teacher's tokenizer is "
             f"{tok.source!r} ({diff}). Rerun `python data.py --teacher={tok.source} --data_dir=<new folder>` "
             "and pass that --data_dir, or use the teacher the data was made for.")
+    if meta.get("doc_end_id") != doc_end_id(tok):
+        print(f"warning: {data_dir} separates documents with token {meta.get('doc_end_id', meta.get('eos_id'))}, "
+              f"not {doc_end_id(tok)} (end of text): made by an older data.py? Rerun data.py to refresh it")
     return meta
 
 
@@ -186,7 +190,7 @@ def texts(rows, text_key, where):
 
 
 def doc_end_id(tok):
-    """The token that ends a document: the end-of-text token the model was pretrained with (<|endoftext|>,
+    """The token that ends a document: the end-of-text token the model was pretrained with (<|endoftext|>, else
     Llama-3's <|end_of_text|>) when its vocabulary has one, else EOS. An instruct model's EOS usually ends a chat turn
     (SmolLM2 and Qwen: <|im_end|>), which is not what separates plain-text documents."""
     ids = (tok.encode(name) for name in ("<|endoftext|>", "<|end_of_text|>"))
@@ -209,7 +213,7 @@ def iter_teacher(cfg, tok):
         prompt = start + tok.encode(PROMPTS[b % len(PROMPTS)])
         torch.manual_seed(cfg.seed * 1_000_003 + b)
         idx = torch.tensor([prompt] * cfg.gen_batch, device=device)
-        out = generate(model, idx, cfg.gen_len, temperature=1.0, eos_id=tok.eos_id).tolist()
+        out = generate(model, idx, cfg.gen_len, temperature=1.0, eos_id=text_end).tolist()  # a text ends there
         for row in out:
             new = row[len(prompt):]
             cut = [i for i, t in enumerate(new) if t in stops]
@@ -238,14 +242,14 @@ def write_splits(docs, out, cfg, tok, dtype, label="tokenising"):
     caps = {"train": cfg.max_tokens, "valid": cfg.valid_tokens}
     count = {"train": [0, 0], "valid": [0, 0]}  # tokens, documents
     t0, shown, n_seen = time.time(), 0.0, 0
-    eos = np.array([doc_end_id(tok)], dtype=dtype)
+    end = np.array([doc_end_id(tok)], dtype=dtype)
     pool = ThreadPoolExecutor(max(1, cfg.threads))
     batch = []
 
     def flush(batch):
         nonlocal n_seen
         texts = [d for _, d in batch if isinstance(d, str)]
-        encoded = iter(pool.map(tok.encode, texts))
+        encoded = iter(pool.map(lambda t: tok.encode(t, parse_special=False), texts))  # text is text
         for split, doc in batch:
             ids = next(encoded) if isinstance(doc, str) else doc
             if split is None:
@@ -255,7 +259,7 @@ def write_splits(docs, out, cfg, tok, dtype, label="tokenising"):
             if not len(ids) or room <= 0:
                 continue
             ids = ids[:room]
-            files[split].write(np.asarray(ids, dtype=dtype).tobytes() + eos.tobytes())
+            files[split].write(np.asarray(ids, dtype=dtype).tobytes() + end.tobytes())
             count[split][0] += len(ids) + 1
             count[split][1] += 1
 
@@ -342,7 +346,8 @@ def main(cfg):
     if count["train"][0] == 0 or count["valid"][0] == 0:
         raise ValueError(f"no {'train' if count['train'][0] == 0 else 'valid'} tokens came out of {where}: "
                          "check --text_key and the files, or lower --valid_every")
-    meta = {"tokenizer": tok.source, **fingerprint(tok), "doc_end_id": doc_end_id(tok), "dtype": np.dtype(dtype).name, "source": kind, "data": where,
+    meta = {"tokenizer": tok.source, **fingerprint(tok), "doc_end_id": doc_end_id(tok), "dtype": np.dtype(dtype).name,
+            "source": kind, "data": where,
             "train_tokens": count["train"][0], "valid_tokens": count["valid"][0],
             "train_docs": count["train"][1], "valid_docs": count["valid"][1], "config": dataclasses.asdict(cfg)}
     write_json(os.path.join(out, "meta.json"), meta)

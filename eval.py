@@ -346,7 +346,8 @@ def main(cfg):
     batches = sorted({1, cfg.speed_batch})
     speed_lengths = ints(cfg.speed_lengths)
     if not speed:
-        notes.append(f"speed/memory not measured (--speed={cfg.speed} on {device}); use a GPU or --speed=on")
+        notes.append(f"speed/memory not measured (--speed={cfg.speed} on {device})"
+                     + ("; --speed=on measures them" if cuda else "; use a GPU, or --speed=on on the CPU"))
     elif any(L > max_pos for L in speed_lengths):
         notes.append(f"speed lengths beyond max_position_embeddings={max_pos} run with RoPE extrapolated: timings "
                      "and memory are valid, the model's outputs there are not")

@@ -65,17 +65,44 @@ def test_data_files_and_meta(run):
         docs = corpus_docs(run.corpus, split)
         expected = []
         for text in docs:
-            expected += tok.encode(text) + [end]
+            expected += tok.encode(text, parse_special=False) + [end]
         tokens = data.load_tokens(d, split)
-        # the corpus's own valid file is the held-out split; every document ends with EOS, in order
+        # the corpus's own valid file is the held-out split; every document ends with the end-of-text token, in order
         assert np.array_equal(np.asarray(tokens), np.array(expected)), split
         assert meta[f"{split}_docs"] == len(docs) and meta[f"{split}_tokens"] == len(expected)
         assert int((np.asarray(tokens) == end).sum()) == len(docs)
     data.check_tokenizer(meta, tok)
 
 
+def test_special_token_text_is_text(run, tmp_path):
+    """A document that writes "<|endoftext|>" as text gets no document boundary there: text is encoded as text."""
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(run.teacher)
+    docs = ["print('<|endoftext|>') ends a GPT-2 sample", "<|im_start|> and <|im_end|> wrap a chat turn"] * 3
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    m = data.main(cfg_of(data, data=str(src), teacher=run.teacher, data_dir=str(tmp_path / "d"), valid_every=3))
+    tokens = np.concatenate([data.load_tokens(str(tmp_path / "d"), s) for s in ("train", "valid")])
+    end = data.doc_end_id(tok)
+    assert (tokens == end).sum() == m["train_docs"] + m["valid_docs"] == len(docs)
+    assert tok.eos_id not in tokens.tolist()
+
+
+def test_data_with_another_separator_warns(run, capsys):
+    """Token files of an older data.py (documents ended by EOS) still load, with a warning that names the fix."""
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(run.teacher)
+    meta = data.load_meta(os.path.join(run.dir, "data"))
+    data.check_tokenizer(meta, tok)
+    assert "warning" not in capsys.readouterr().out
+    del meta["doc_end_id"]
+    data.check_tokenizer(meta, tok)
+    assert "Rerun data.py" in capsys.readouterr().out
+
+
 def test_data_cap_and_holdout(run, tmp_path):
-    """A single file: every Nth document is held out; --max_tokens is an exact cap ending in EOS."""
+    """A single file: every Nth document is held out; --max_tokens is an exact cap ending in the
+    end-of-text token."""
     src = os.path.join(run.corpus, "train.jsonl.gz")
     m = data.main(cfg_of(data, data=src, teacher=run.teacher, data_dir=str(tmp_path), max_tokens=3000, valid_every=10))
     meta = data.load_meta(str(tmp_path))
@@ -85,7 +112,8 @@ def test_data_cap_and_holdout(run, tmp_path):
 
 
 def test_data_from_teacher(run, tmp_path):
-    """--data=teacher: documents sampled from the teacher, each ending in EOS, some held out."""
+    """--data=teacher: documents sampled from the teacher, each ending in the end-of-text token, some held
+    out."""
     m = data.main(cfg_of(data, data="teacher", teacher=run.teacher, data_dir=str(tmp_path), max_tokens=150,
                          gen_batch=4, gen_len=12, valid_every=4))
     meta = data.load_meta(str(tmp_path))
