@@ -132,7 +132,7 @@ def test_teacher_samples_start_as_documents_start(run, monkeypatch):
 
     def fake_generate(m, idx, n, **kw):
         seen.append(idx[0].tolist())
-        return torch.cat([idx, torch.full((idx.shape[0], n), 7)], 1)  # 7: an ordinary token, never a stop
+        return torch.cat([idx, torch.full((idx.shape[0], n), 7, device=idx.device)], 1)  # 7: never a stop
     monkeypatch.setattr(model, "generate", fake_generate)
     cfg = cfg_of(data, data="teacher", teacher=run.teacher, gen_batch=2, gen_len=3)
     for add_bos in (False, True):
@@ -317,10 +317,10 @@ def test_select_methods(run, monkeypatch):
     calls = []
 
     def fake_recall(model, tok, task, length, n, seed, device):
-        idx = torch.arange(1, 17)[None]
+        idx = torch.arange(1, 17, device=device)[None]
         with torch.no_grad():
-            out = [layer.self_attn(layer.input_layernorm(model.model.embed_tokens(idx)), *model.rope(torch.arange(16)))
-                   for layer in model.model.layers]
+            out = [layer.self_attn(layer.input_layernorm(model.model.embed_tokens(idx)),
+                                   *model.rope(torch.arange(16, device=device))) for layer in model.model.layers]
         zeroed = [i for i, o in enumerate(out) if not o.any()]
         calls.append((task, length, n, zeroed))
         return {2: 0.2, 0: 0.5}.get(zeroed[0], 0.9) if zeroed else 1.0
