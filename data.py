@@ -18,8 +18,8 @@ Where the text comes from (--data):
     <hub id>   any text dataset on the hub, e.g. HuggingFaceFW/fineweb-edu (--hub_config picks its config).
 
 Writes <data_dir>/train.bin, valid.bin and meta.json (tokenizer source and fingerprint, vocabulary size, the
-document-end id, dtype, document and token counts). Stages read it through load_meta / check_tokenizer / load_tokens / get_batch below, and
-refuse data made with a different tokenizer than their teacher's.
+document-end id, dtype, document and token counts). Stages read it through load_meta / check_tokenizer / load_tokens /
+get_batch below, and refuse data made with a different tokenizer than their teacher's.
 
     python data.py --data=../shared/corpus --max_tokens=2000000 --run=smollm2        # offline corpus, 2M tokens
     python data.py --run=smollm2                                                      # auto: FineWeb-Edu, 20M tokens
@@ -96,9 +96,10 @@ def check_tokenizer(meta, tok, data_dir="the data folder"):
             f"tokenizer mismatch: {data_dir} was tokenized with {meta.get('tokenizer')!r}, but the teacher's tokenizer is "
             f"{tok.source!r} ({diff}). Rerun `python data.py --teacher={tok.source} --data_dir=<new folder>` "
             "and pass that --data_dir, or use the teacher the data was made for.")
-    if meta.get("doc_end_id") != doc_end_id(tok):
+    end = doc_end_id(tok)
+    if meta.get("doc_end_id") != end:
         print(f"warning: {data_dir} separates documents with token {meta.get('doc_end_id', meta.get('eos_id'))}, "
-              f"not {doc_end_id(tok)} (end of text): made by an older data.py? Rerun data.py to refresh it")
+              f"not {end} (end of text): made by an older data.py? Rerun data.py to refresh it")
     return meta
 
 
@@ -298,7 +299,8 @@ def main(cfg):
 
     # ---- load the tokenizer and pick the source
     tok = load_tokenizer(cfg.teacher)
-    if doc_end_id(tok) is None:
+    end = doc_end_id(tok)
+    if end is None:
         raise ValueError(f"the tokenizer of {cfg.teacher!r} has no end-of-text or end-of-sequence token to separate "
                          "documents")
     dtype = np.uint16 if tok.n_vocab < 2**16 else np.uint32
@@ -346,7 +348,7 @@ def main(cfg):
     if count["train"][0] == 0 or count["valid"][0] == 0:
         raise ValueError(f"no {'train' if count['train'][0] == 0 else 'valid'} tokens came out of {where}: "
                          "check --text_key and the files, or lower --valid_every")
-    meta = {"tokenizer": tok.source, **fingerprint(tok), "doc_end_id": doc_end_id(tok), "dtype": np.dtype(dtype).name,
+    meta = {"tokenizer": tok.source, **fingerprint(tok), "doc_end_id": end, "dtype": np.dtype(dtype).name,
             "source": kind, "data": where,
             "train_tokens": count["train"][0], "valid_tokens": count["valid"][0],
             "train_docs": count["train"][1], "valid_docs": count["valid"][1], "config": dataclasses.asdict(cfg)}

@@ -55,7 +55,7 @@ chunk_gla_torch (the same three steps in PyTorch, autograd for the backward) unl
 triton was first imported: then the Triton kernels run in the interpreter (that is how CI tests them).
 
     python -m pytest -q tests/test_kernels.py             # CPU: PyTorch path + Triton interpreter (child process)
-    python kernels.py --shapes=small --no-fla             # GPU benchmark: ms of ours, fla, SDPA; --json=path
+    python kernels.py --shapes=small --fla=false          # GPU benchmark: ms of ours, fla, SDPA; --json=path
     python kernels.py --shapes=4,5,6                      # only those rows of SHAPES (0-based; default: all)
 """
 
@@ -63,6 +63,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -509,15 +510,22 @@ SHAPES = [(8, 2048, 9, 64), (4, 4096, 9, 64), (2, 8192, 9, 64), (8, 2048, 16, 12
           (2, 16384, 16, 128), (1, 32768, 16, 128)]
 
 
+@dataclass
+class BenchConfig:
+    shapes: str = "all"             # all | small (the first four of SHAPES) | indices into SHAPES, e.g. 4,5,6
+    json: str = ""                  # also write the table to this JSON file
+    fla: bool = True                # time flash-linear-attention's chunk_gla beside ours (when importable)
+
+
 def _bench_shapes(spec):
-    """--shapes: None (the flag absent) = all of SHAPES, "small" = the first four, "4,5,6" = those indices."""
-    if spec is None:
+    """--shapes: "all" = all of SHAPES, "small" = the first four, "4,5,6" = those indices."""
+    if spec == "all":
         return SHAPES
     if spec == "small":
         return SHAPES[:4]
     idx = [int(s) if s.isdecimal() else -1 for s in spec.split(",")]
     if not all(0 <= i < len(SHAPES) for i in idx):
-        raise SystemExit(f"--shapes={spec}: expected 'small' or comma-separated indices into SHAPES, each in "
+        raise SystemExit(f"--shapes={spec}: expected 'all', 'small' or comma-separated indices into SHAPES, each in "
                          f"0..{len(SHAPES) - 1}: " + ", ".join(f"{i}={x}" for i, x in enumerate(SHAPES)))
     return [SHAPES[i] for i in idx]
 
@@ -539,14 +547,11 @@ def _bench_one(fn, inputs, do):
 
 
 def main(argv):
-    args = dict(a.lstrip("-").split("=", 1) if "=" in a else (a.lstrip("-"), "") for a in argv)
-    bad = [k for k, v in args.items() if k not in ("shapes", "json", "no-fla") or (v == "") != (k == "no-fla")]
-    if bad:
-        raise SystemExit(f"kernels.py: bad flag(s) {bad}; usage: python kernels.py [--shapes=small|i,j,..] "
-                         "[--json=path] [--no-fla]")
-    shapes = _bench_shapes(args.get("shapes"))
+    from common import parse_args
+    cfg = parse_args(BenchConfig, argv)
+    shapes = _bench_shapes(cfg.shapes)
     fla = None
-    if "no-fla" not in args:
+    if cfg.fla:
         try:
             from fla.ops.gla import chunk_gla as fla
         except ImportError:
@@ -584,8 +589,8 @@ def main(argv):
         rows.append(row)
         print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c, 'n/a'):>9}"
                        for c in cols), flush=True)
-    if "json" in args:
-        with open(args["json"], "w") as f:
+    if cfg.json:
+        with open(cfg.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, rows=rows), f, indent=1)
     return rows
 
