@@ -99,7 +99,8 @@ def check_same_teacher(student, teacher):
 
 
 def main(cfg):
-    from model import from_pretrained, load_checkpoint, save_checkpoint
+    from model import load_checkpoint, save_checkpoint
+    from teachers import from_pretrained
     from tokenizer import check_vocab, load_tokenizer
     t_start = time.time()
     run_dir = os.path.join(cfg.out_dir, cfg.run)

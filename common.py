@@ -101,6 +101,32 @@ def inherit(cfg, parent_config, fields):
             print(f"override {name} = {mine!r} (parent had {theirs!r})")
 
 
+def parse_budget(text, n_layers):
+    """'0.25' / '25%' -> 0.25 * L rounded half up (at least 1); '8' -> 8. Clear errors for anything out of range.
+
+    Half up, as the paper's configs count (Qwen2.5-3B, L = 36: 12.5/25/33/50% -> 5/9/12/18 layers; Llama-3.2-3B,
+    L = 28: 4/7/9/14). Python's round() rounds half to even and would give 4 for 12.5% of 36."""
+    text = str(text).strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"--budget={text!r}: give a fraction of the layers (0.25) or a count (8)") from None
+    is_count = not text.endswith("%") and "." not in text and "e" not in text.lower()
+    if value <= 0:
+        raise ValueError(f"--budget={text}: the budget must be positive (a fraction in (0, 1] like 0.25, or a count "
+                         f"from 1 to {n_layers}); with no softmax layer there is nothing to select")
+    if is_count:
+        k = int(value)
+    elif value <= 1:
+        k = max(1, math.floor(value * n_layers + 0.5 + 1e-9))
+    else:
+        raise ValueError(f"--budget={text}: a fraction must be at most 1; for a count write an integer (e.g. 8)")
+    if k > n_layers:
+        raise ValueError(f"--budget={text}: asks for {k} softmax layers but the model has only {n_layers}; "
+                         f"use a count from 1 to {n_layers} or a fraction")
+    return k
+
+
 # --------------------------------------------------------------------------------------------------------- devices
 
 def pick_device():

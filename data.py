@@ -200,7 +200,8 @@ def doc_end_id(tok):
 
 def iter_teacher(cfg, tok):
     """Documents sampled from the teacher, yielded as token-id lists (no need to decode and re-encode them)."""
-    from model import from_pretrained, generate
+    from model import generate
+    from teachers import from_pretrained
     device = pick_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = from_pretrained(cfg.teacher, dtype=dtype, device=device).eval()
@@ -289,7 +290,7 @@ def write_splits(docs, out, cfg, tok, dtype, label="tokenising"):
 
 def main(cfg):
     print_config(cfg)
-    from model import DEFAULT_TEACHER
+    from teachers import DEFAULT_TEACHER
     from tokenizer import load_tokenizer
     cfg.teacher = cfg.teacher or DEFAULT_TEACHER
     out = cfg.data_dir or os.path.join(cfg.out_dir, cfg.run, "data")

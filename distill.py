@@ -40,6 +40,7 @@ import data
 import model as M
 from common import (Logger, autocast, banner, check_finite, inherit, kl_div_chunked, parse_args, pick_device,
                     print_config)
+from teachers import from_pretrained
 
 
 @dataclass
@@ -106,7 +107,7 @@ def set_lr(opt, step, warmup):
 def load_teachers(source, device):
     """(fp32 teacher on the CPU, whose weights make_hybrid restores; the frozen teacher that runs: the same model
     on the CPU, a bf16 copy on the GPU, forward only)."""
-    teacher32 = M.from_pretrained(source).eval().requires_grad_(False)
+    teacher32 = from_pretrained(source).eval().requires_grad_(False)
     if not str(device).startswith("cuda"):
         return teacher32, teacher32
     return teacher32, copy.deepcopy(teacher32).to(device=device, dtype=torch.bfloat16)

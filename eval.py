@@ -44,8 +44,9 @@ import torch.nn.functional as F
 
 import data
 from common import autocast, inherit, kl_div_chunked, parse_args, pick_device, print_config, write_json
-from model import decoder, from_pretrained, load_checkpoint
+from model import decoder, load_checkpoint
 from recall import FILLER, TASKS, make_prompts, recall_suite
+from teachers import from_pretrained
 from tokenizer import load_tokenizer
 
 @dataclass

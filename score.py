@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 
 import model as M
-from common import Logger, banner, check_finite, inherit, parse_args, pick_device, print_config, write_json
+from common import (Logger, banner, check_finite, inherit, parse_args, parse_budget, pick_device, print_config,
+                    write_json)
 from distill import batch_at, load_teachers, make_hybrid, make_optimizer, open_data, set_lr, stage2_step, teacher_hidden
-from select_layers import parse_budget
 
 
 @dataclass

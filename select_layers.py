@@ -13,7 +13,7 @@ arXiv 2512.20569). The other methods are the baselines it is compared against:
               key-value recall accuracy (recall.recall_accuracy, task mqar) against the intact teacher; keep the K
               largest drops
 
-Budget: a fraction of L (0.25 -> round(0.25 * L), at least 1) or a count (8). Ties break toward the lower index.
+Budget: a fraction of L (0.25 -> 0.25 * L rounded half up, at least 1, as the paper's configs) or a count (8). Ties break toward the lower index.
 Writes <run>/select/selection.json: {"method", "budget", "n_layers", "layers" (sorted), "scores" (per layer), "source"};
 --out names another file in the same folder, so that several selections can sit side by side.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import inherit, parse_args, pick_device, print_config, write_json
+from common import inherit, parse_args, parse_budget, pick_device, print_config, write_json
 
 METHODS = ("kl", "uniform", "ga_s1", "ablation")
 
@@ -49,29 +49,6 @@ class Config:
     n: int = 64                     # ablation: prompts per measurement
     device: str = ""                # ablation: "" -> cuda if available else cpu
     seed: int = 0                   # ablation: seed of the recall prompts (the same prompts for every layer)
-
-
-def parse_budget(text, n_layers):
-    """'0.25' / '25%' -> round(0.25 * L) (at least 1); '8' -> 8. Clear errors for anything out of range."""
-    text = str(text).strip()
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise ValueError(f"--budget={text!r}: give a fraction of the layers (0.25) or a count (8)") from None
-    is_count = not text.endswith("%") and "." not in text and "e" not in text.lower()
-    if value <= 0:
-        raise ValueError(f"--budget={text}: the budget must be positive (a fraction in (0, 1] like 0.25, or a count "
-                         f"from 1 to {n_layers}); with no softmax layer there is nothing to select")
-    if is_count:
-        k = int(value)
-    elif value <= 1:
-        k = max(1, round(value * n_layers))
-    else:
-        raise ValueError(f"--budget={text}: a fraction must be at most 1; for a count write an integer (e.g. 8)")
-    if k > n_layers:
-        raise ValueError(f"--budget={text}: asks for {k} softmax layers but the model has only {n_layers}; "
-                         f"use a count from 1 to {n_layers} or a fraction")
-    return k
 
 
 def read_meta(ckpt_path):
@@ -108,7 +85,7 @@ def read_kl_scores(path):
 def ablation_scores(cfg, teacher_source):
     """Drop in recall accuracy when one teacher layer's attention output is zeroed, for every layer."""
     from recall import recall_accuracy
-    from model import from_pretrained
+    from teachers import from_pretrained
     from tokenizer import load_tokenizer
     device = cfg.device or pick_device()
     model = from_pretrained(teacher_source, device=device).eval()
@@ -156,7 +133,7 @@ def main(cfg):
     elif cfg.method == "ablation":
         if align_meta:
             inherit(cfg, align_meta.get("config", {}), ["teacher"])
-        from model import DEFAULT_TEACHER
+        from teachers import DEFAULT_TEACHER
         teacher = cfg.teacher or DEFAULT_TEACHER
         scores, extra["base_accuracy"] = ablation_scores(cfg, teacher)
         source, larger = f"{teacher} ({cfg.task}, length {cfg.length}, n {cfg.n}, seed {cfg.seed})", True
@@ -170,7 +147,7 @@ def main(cfg):
     if L < 0 and align_meta:
         L = align_meta["model_config"]["num_hidden_layers"]
     if L < 0:
-        from model import DEFAULT_TEACHER, from_pretrained
+        from teachers import DEFAULT_TEACHER, from_pretrained
         inherit(cfg, (align_meta or {}).get("config", {}), ["teacher"])
         L = from_pretrained(cfg.teacher or DEFAULT_TEACHER).config.num_hidden_layers
     if scores is not None and len(scores) != L:

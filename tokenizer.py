@@ -17,7 +17,7 @@ which is HF's ignore_merges (Llama-3) and, given the above, changes nothing else
 `tokenizers`/`transformers` on hard text and real English; the whole 45M-character corpus gives identical ids.
 
 Sources (`load_tokenizer(source)`):
-    "" or "smollm2"        the default teacher .gguf (model.fetch_default_teacher())
+    "" or "smollm2"        the default teacher .gguf (teachers.fetch_default_teacher())
     dir/ or tokenizer.json an HF tokenizer.json (+ tokenizer_config.json for bos/eos/chat template)
     tokenizer.model        a Llama-3 tiktoken rank file (base64 token, rank per line) + Llama-3's special tokens
     model.gguf             GGUF metadata: tokenizer.ggml.tokens/merges/token_type/pre, chat template
@@ -412,7 +412,7 @@ def _from_checkpoint(path):
 def load_tokenizer(source):
     """Build the Tokenizer for a source (see the module docstring for the kinds of source)."""
     if source in ("", "smollm2"):
-        from model import fetch_default_teacher
+        from teachers import fetch_default_teacher
 
         return Tokenizer(**_from_gguf(fetch_default_teacher(), "smollm2"))
     if source.endswith(".pt"):

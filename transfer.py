@@ -70,7 +70,8 @@ def probe_kl(logits_t, logits_s):
 
 
 def main(cfg):
-    from model import DEFAULT_TEACHER, from_pretrained, save_checkpoint
+    from model import save_checkpoint
+    from teachers import DEFAULT_TEACHER, from_pretrained
     from tokenizer import load_tokenizer
     t0 = time.time()
     cfg.teacher = cfg.teacher or DEFAULT_TEACHER

@@ -14,6 +14,7 @@ import torch
 import data
 import eval as ev
 import model as M
+from teachers import from_pretrained
 import recall
 from conftest import make_text, write_tiny_llama, write_tokenizer
 from tokenizer import load_tokenizer
@@ -114,7 +115,7 @@ def test_scoring_oracle_random_partial(tok):
 
 
 def test_recall_accuracy_on_tiny_model(teacher, tok):
-    model = M.from_pretrained(teacher).eval()
+    model = from_pretrained(teacher).eval()
     acc = recall.recall_accuracy(model, tok, task="mqar", length=256, n=3, seed=0, device="cpu")
     assert isinstance(acc, float) and 0.0 <= acc <= 0.5
 
@@ -124,7 +125,7 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
     data.main(data.Config(run="tiny", out_dir=out, data=tiny_corpus, teacher=teacher))
     # two hybrids of the random teacher saved as a run's distill stages (the default checkpoints eval finds)
     for folder, gla in (("distill", (1, 2, 3)), ("distill_uniform", (0, 2))):
-        student = M.from_pretrained(teacher)
+        student = from_pretrained(teacher)
         for i in gla:
             student.set_mixer(i, M.GLA(student.config), "gla")
         M.save_checkpoint(os.path.join(out, "tiny", folder, "ckpt.pt"), student, stage="distill",

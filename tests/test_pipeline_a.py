@@ -195,7 +195,8 @@ def test_data_errors(run, tmp_path):
 # -------------------------------------------------------------------------------------------------------- transfer
 
 def test_transfer_copies_weights(run):
-    from model import from_pretrained, load_checkpoint
+    from model import load_checkpoint
+    from teachers import from_pretrained
     path = os.path.join(run.dir, "transfer", "ckpt.pt")
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["stage"] == "transfer" and raw["config"]["teacher"] == run.teacher
@@ -226,7 +227,8 @@ def test_transfer_copies_weights(run):
 
 def test_align_stream_is_the_teachers(run):
     """The hand-written teacher-forced stream is the teacher's own forward pass (checked via the final hidden)."""
-    from model import from_pretrained, load_checkpoint
+    from model import load_checkpoint
+    from teachers import from_pretrained
     teacher = from_pretrained(run.teacher).eval()
     student, _ = load_checkpoint(os.path.join(run.dir, "align", "ckpt.pt"))
     idx = torch.randint(0, teacher.config.vocab_size, (2, 24))

@@ -17,6 +17,7 @@ import distill
 import eval as ev
 import finetune
 import model as M
+from teachers import from_pretrained
 import score
 import select_layers
 import transfer
@@ -79,7 +80,7 @@ def test_cross_entropy_chunked_matches_reference():
 
 def test_make_hybrid_restores_the_teacher(run):
     """Stage 1 trains only the mixers: with every layer restored, the hybrid IS the teacher."""
-    teacher = M.from_pretrained(run.teacher).eval()
+    teacher = from_pretrained(run.teacher).eval()
     student, _ = M.load_checkpoint(run.align)
     L = student.config.num_hidden_layers
     idx = torch.randint(0, student.config.vocab_size, (2, 24))

