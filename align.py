@@ -8,15 +8,18 @@ layers train at once from one forward pass, and one Stage-1 checkpoint serves ev
 Li et al. Sec. 3). Only the mixer parameters train; everything else is the teacher's and frozen.
 
     loss_l = mean over tokens t of ||attn_l(x_t) - gla_l(x_t)||_2 / sqrt(D)        loss = mean over layers of loss_l
+    AdamW(0.9, 0.95, weight decay 0.01), lr 1e-3 cosine to 1e-5, gradient-norm clip 1.0
 
 Each layer's late loss (mean over the last ~10% of steps) is stored as metrics["layer_losses"]: the GA-S1 baseline of
-select_layers.py (the worst-aligned layers stay softmax).
+select_layers.py (the worst-aligned layers stay softmax). On the GPU the frozen teacher runs in bf16 weights and the
+mixers (fp32 weights) under bf16 autocast; under torchrun every rank takes its rows of each global batch (DDP).
 
 Reads out/<run>/transfer/ckpt.pt (the teacher is inherited from its config) and the token files of data.py;
-writes out/<run>/align/ckpt.pt (+ meta.json, log.jsonl).
+writes out/<run>/align/ckpt.pt (+ meta.json, log.jsonl); mid-run checkpoints every --save_every steps, which
+--resume=true continues.
 
     python align.py --steps=20 --batch_size=4 --seq_len=128 --log_every=5 --device=cpu      # CPU smoke run
-    python align.py --run=smollm2                                                           # GPU: 300 x 32 x 512
+    python align.py --run_name=smollm2                                                      # GPU: 300 x 32 x 512
 """
 
 import dataclasses
@@ -26,33 +29,44 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
-import data
-from common import Logger, autocast, banner, check_finite, inherit, parse_args, pick_device, print_config
+import model as M
+from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, distribute, inherit, init_dist,
+                    lock_folder, parse_args, print_config)
+from distill import micro_batches, open_data
 
 
 @dataclass
 class Config:
-    run: str = "smollm2"            # run name: reads/writes under <out_dir>/<run>
+    run_name: str = "smollm2"       # run name: reads/writes under <out_dir>/<run_name>
     out_dir: str = "out"            # root of all runs
-    input: str = ""                 # Stage-0 checkpoint; "" -> <out_dir>/<run>/transfer/ckpt.pt
-    output: str = ""                # "" -> <out_dir>/<run>/align/ckpt.pt
+    input: str = ""                 # Stage-0 checkpoint; "" -> <out_dir>/<run_name>/transfer/ckpt.pt
+    output: str = ""                # "" -> <out_dir>/<run_name>/align/ckpt.pt
     teacher: str = ""               # "" -> inherited from the input checkpoint's config
-    data_dir: str = ""              # token files of data.py; "" -> <out_dir>/<run>/data
+    data_dir: str = ""              # token files of data.py; "" -> <out_dir>/<run_name>/data
     steps: int = 300                # optimizer steps (paper: 100M tokens; this default is ~5M)
-    batch_size: int = 32            # sequences per step (paper: 96)
+    batch_size: int = 32            # sequences per step, over all processes (paper: 96)
+    micro_batch: int = 0            # sequences per forward per process (gradients accumulate); 0 = all of its share
     seq_len: int = 512              # tokens per sequence (paper: 512)
     lr: float = 1e-3                # peak learning rate (paper: 1e-3)
     lr_min: float = 1e-5            # cosine decays to this (paper: "to ~0")
     warmup: int = 0                 # linear warmup steps (paper: none)
-    weight_decay: float = 0.0       # AdamW weight decay
+    weight_decay: float = 0.01      # AdamW weight decay (the official code: torch's default 0.01)
     clip: float = 1.0               # gradient-norm clip (paper: 1.0)
-    log_every: int = 10             # print and log every N steps
-    save_every: int = 0             # also write the checkpoint every N steps (0 = only at the end)
+    log_every: int = 10             # print and log every N steps (the host waits for the GPU only then)
+    save_every: int = 0             # mid-run checkpoint every N steps (0 = only at the end)
+    resume: bool = False            # continue the mid-run checkpoint at --output (same settings)
     valid_batches: int = 4          # held-out batches measured at the end
-    compile: bool = False           # torch.compile the aligned forward (GPU)
+    compile: str = "auto"           # torch.compile the aligned forward: auto (on the GPU) | true | false
     device: str = ""                # "" -> cuda if available else cpu
     seed: int = 0                   # data order: batch s is a function of (seed, s) only
+
+    def __post_init__(self):
+        check_positive(self, "steps", "batch_size", "seq_len", "log_every", "micro_batch", "save_every",
+                       "valid_batches", "warmup", allow_zero=("micro_batch", "save_every", "valid_batches", "warmup"))
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
 
 
 def rms_distance(t, s):
@@ -79,6 +93,17 @@ def align_losses(teacher, mixers, idx):
     return torch.stack(losses)
 
 
+class Aligner(nn.Module):
+    """The student's mixers as one module, so that DDP can wrap them: forward(teacher, idx) = align_losses."""
+
+    def __init__(self, mixers):
+        super().__init__()
+        self.mixers = nn.ModuleList(mixers)
+
+    def forward(self, teacher, idx):
+        return align_losses(teacher, self.mixers, idx)
+
+
 def lr_at(step, cfg):
     """Linear warmup, then cosine from lr to lr_min over the remaining steps."""
     if step < cfg.warmup:
@@ -99,101 +124,120 @@ def check_same_teacher(student, teacher):
 
 
 def main(cfg):
-    from model import load_checkpoint, save_checkpoint
     from teachers import from_pretrained
     from tokenizer import check_vocab, load_tokenizer
     t_start = time.time()
-    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    d = init_dist(cfg.device)
+    device = d.device
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     cfg.input = cfg.input or os.path.join(run_dir, "transfer", "ckpt.pt")
     cfg.output = cfg.output or os.path.join(run_dir, "align", "ckpt.pt")
-    cfg.data_dir = cfg.data_dir or os.path.join(run_dir, "data")
-    device = cfg.device or pick_device()
-    if cfg.steps < 1:
-        raise ValueError(f"--steps={cfg.steps}: Stage 1 needs at least one step")
+    if d.main:
+        lock_folder(os.path.dirname(cfg.output), "align.py")  # one writer; also checks the output can be written
     torch.manual_seed(cfg.seed)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    cuda = device.startswith("cuda")
 
-    # ---- load: all-linear student, teacher, data
+    # ---- load: all-linear student (or the mid-run checkpoint to resume), teacher, data
     if not os.path.exists(cfg.input):
-        raise FileNotFoundError(f"no Stage-0 checkpoint at {cfg.input}: run `python transfer.py --run={cfg.run}` first")
-    student, parent = load_checkpoint(cfg.input, device=device)
+        raise FileNotFoundError(f"no Stage-0 checkpoint at {cfg.input}: run `python transfer.py "
+                                f"--run_name={cfg.run_name}` first")
+    parent = M.checkpoint_info(cfg.input)
     inherit(cfg, parent["config"], ["teacher"])
     print_config(cfg)
-    if any(m != "gla" for m in student.config.mixers):
-        raise ValueError(f"{cfg.input} is not all-linear (mixers {student.config.mixers}): Stage 1 starts from transfer.py")
-    teacher = from_pretrained(cfg.teacher, device=device).eval()
+    state = M.resume_state(cfg.output, dataclasses.asdict(cfg)) if cfg.resume else None
+    if state == "finished":
+        print(f"final | {cfg.output} is complete with these settings: nothing to do")
+        return M.checkpoint_info(cfg.output)["metrics"]
+    student, _ = M.load_checkpoint(cfg.output if state else cfg.input, device=device)
+    if any(m == "attn" for m in student.config.mixers):
+        raise ValueError(f"{cfg.input} is not all-linear (mixers {student.config.mixers}): Stage 1 starts from "
+                         "transfer.py")
+    teacher = from_pretrained(cfg.teacher, device=device).eval().requires_grad_(False)
     check_same_teacher(student, teacher)
+    if cuda:
+        teacher.to(torch.bfloat16)  # frozen: bf16 weights, as the teacher runs in distill.py
     tok = load_tokenizer(cfg.teacher)
     check_vocab(tok, student.config.vocab_size)
-    data.check_tokenizer(data.load_meta(cfg.data_dir), tok, cfg.data_dir)
-    train, valid = data.load_tokens(cfg.data_dir, "train"), data.load_tokens(cfg.data_dir, "valid")
+    train, valid = open_data(cfg, run_dir)
     n_layers = student.config.num_hidden_layers
 
     # Only the mixers train; the teacher's modules carry the stream, so the student's other modules sit unused.
-    teacher.requires_grad_(False)
     student.requires_grad_(False)
-    mixers = [layer.self_attn for layer in student.model.layers]
-    params = [p for m in mixers for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                            fused=device == "cuda")
-    forward = torch.compile(align_losses) if cfg.compile else align_losses
+    aligner = Aligner([layer.self_attn for layer in student.model.layers]).requires_grad_(True)
+    params = list(aligner.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=cuda)
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    forward = distribute(aligner, d)
+    if cfg.compile == "true" or (cfg.compile == "auto" and cuda):
+        forward = torch.compile(forward)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    banner("align (Stage 1)", device, student, tokens_per_step)
+    banner("align (Stage 1)", device, student, tokens_per_step, d)
     print(f"   training {sum(p.numel() for p in params) / 1e6:.2f}M mixer parameters in {n_layers} layers")
 
-    def save(metrics):
-        save_checkpoint(cfg.output, student, stage="align", config=dataclasses.asdict(cfg), parent=cfg.input,
-                        metrics=metrics, tokenizer=parent["tokenizer"])
+    def save(metrics, step=None):
+        train_state = None if step is None else {"step": step, "optimizer": opt.state_dict(),
+                                                 "history": [h.tolist() for h in history]}
+        if d.main:
+            M.save_checkpoint(cfg.output, student, stage="align", config=dataclasses.asdict(cfg), parent=cfg.input,
+                              metrics=metrics, tokenizer=parent["tokenizer"], teacher=parent.get("teacher"),
+                              train_state=train_state)
 
     # ---- train
-    log_path = os.path.join(os.path.dirname(cfg.output), "log.jsonl")
-    if os.path.exists(log_path):
-        os.remove(log_path)   # a fresh run (Stage 1 does not resume): its log starts empty
-    log = Logger(os.path.dirname(cfg.output), cfg.steps)
+    log = Logger(os.path.dirname(cfg.output), cfg.steps, start, d.main)
     tail = max(1, math.ceil(cfg.steps / 10))          # the late steps whose per-layer losses are averaged
-    tail_sum, last_ckpt, logged = torch.zeros(n_layers), None, 0
-    for step in range(cfg.steps):
+    history = [torch.tensor(h, device=device) for h in state["history"]] if state else []  # per step, per layer
+    last_ckpt = cfg.output if state else None
+    for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = data.get_batch(train, cfg.batch_size, cfg.seq_len, data.batch_rng(cfg.seed, step), device)[:, :-1]
-        with autocast(device):
-            losses = forward(teacher, mixers, idx)
-        loss = losses.mean()
-        check_finite(loss.item(), step + 1, last_ckpt)   # before the update: a NaN never reaches the weights
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batches = micro_batches(train, cfg, cfg.seed, step, d)
+        losses = torch.zeros(n_layers, device=device)
+        for i, idx in enumerate(batches):
+            last = i == len(batches) - 1 or not hasattr(forward, "no_sync")
+            with autocast(device), (torch.enable_grad() if last else forward.no_sync()):
+                step_losses = forward(teacher, idx[:, :-1]) / len(batches)
+            step_losses.mean().backward()
+            losses += step_losses.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        losses = losses.detach().float().cpu()
-        if step >= cfg.steps - tail:
-            tail_sum += losses
-        if (step + 1) % cfg.log_every == 0 or step == 0 or step + 1 == cfg.steps:
-            worst = int(losses.argmax())
-            log.log(step + 1, tokens=tokens_per_step * (step + 1 - logged), loss=float(losses.mean()),
-                    worst=f"L{worst}:{float(losses[worst]):.3g}", grad=float(grad_norm), lr=lr,
-                    layer_losses=[round(float(v), 5) for v in losses])
-            logged = step + 1
+        ok = torch.isfinite(losses).all() & torch.isfinite(grad_norm)   # a NaN never reaches the weights
+        if cuda:
+            opt.found_inf = (~ok).float()   # fused AdamW skips the update on the GPU, no wait for the host
+            opt.step()
+        elif bool(ok):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append(losses)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            n = min(cfg.log_every, step + 1 - start)
+            mean = all_mean(torch.stack(history[-n:]).mean(0), d).cpu()
+            check_finite(float(mean.mean()), step + 1, last_ckpt, "a smaller --lr")
+            worst = int(mean.argmax())
+            log.log(step + 1, tokens=tokens_per_step * n, loss=float(mean.mean()),
+                    worst=f"L{worst}:{float(mean[worst]):.3g}", grad=float(grad_norm), lr=lr,
+                    layer_losses=[round(float(v), 5) for v in mean])
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save({"step": step + 1, "loss": float(losses.mean()), "layer_losses": losses.tolist()})
+            save({"step": step + 1}, step + 1)
             last_ckpt = cfg.output
 
     # ---- evaluate on held-out windows, save
+    late = history[-tail:]
+    layer_losses = all_mean(torch.stack(late).mean(0), d).tolist() if late else None
     with torch.no_grad(), autocast(device):
-        v = [align_losses(teacher, mixers, data.get_batch(valid, cfg.batch_size, cfg.seq_len, data.batch_rng(cfg.seed, i),
-                                                          device)[:, :-1]).cpu() for i in range(cfg.valid_batches)]
-    layer_losses = (tail_sum / min(tail, cfg.steps)).tolist()
-    metrics = {"loss": sum(layer_losses) / n_layers, "layer_losses": layer_losses,
+        held_out = [torch.cat(micro_batches(valid, cfg, cfg.seed, i, d))[:, :-1] for i in range(cfg.valid_batches)]
+        v = [all_mean(align_losses(teacher, aligner.mixers, idx), d).float().cpu() for idx in held_out]
+    metrics = {"loss": sum(layer_losses) / n_layers if layer_losses else None, "layer_losses": layer_losses,
                "valid_loss": float(torch.stack(v).mean()) if v else None,
                "valid_layer_losses": torch.stack(v).mean(0).tolist() if v else None,
                "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step, "minutes": (time.time() - t_start) / 60}
     save(metrics)
-    order = sorted(range(n_layers), key=lambda i: -layer_losses[i])
-    print("layer losses (late mean): " + " ".join(f"{x:.3g}" for x in layer_losses))
-    print(f"worst aligned (GA-S1 order): {order}")
+    if layer_losses:
+        order = sorted(range(n_layers), key=lambda i: -layer_losses[i])
+        print("layer losses (late mean): " + " ".join(f"{x:.3g}" for x in layer_losses))
+        print(f"worst aligned (GA-S1 order): {order}")
     log.final(loss=metrics["loss"], valid_loss=metrics["valid_loss"], steps=cfg.steps, ckpt=cfg.output)
     return metrics
 

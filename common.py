@@ -1,6 +1,7 @@
 """
-Small pieces every stage shares: the --key=value parser, the step logger, the device and precision choice, the
-NaN guard, and the forward KL computed in row chunks.
+Small pieces every stage shares: the --key=value parser, the run folder (one writer at a time, files written
+atomically), the device, precision and torchrun setup, the step logger, the NaN guard, and the forward KL computed in
+row chunks.
 
 Each piece is written once here so that the stage scripts can stay flat and read top to bottom. Nothing runs at
 import.
@@ -13,16 +14,27 @@ blocks, computes the KL and, in the same pass, its gradient with respect to the 
     p = softmax(t), q = softmax(s):   KL = sum_v p (log p - log q),   dKL/ds = q - p
 
 so that only [rows, V] blocks of one chunk are ever alive and nothing of size B*T x V is stored for the backward.
+
+Several GPUs: a stage started by `torchrun --nproc_per_node=N stage.py ...` gets RANK / WORLD_SIZE / LOCAL_RANK from
+torchrun; init_dist() then joins the process group (NCCL on GPUs, gloo on CPUs) and every rank takes its slice of
+each global batch (data.get_batch), so that 1 and N processes see the same token ids at every step. Only rank 0
+logs and writes files.
 """
 
+import atexit
 import contextlib
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
 import os
+import re
+import socket
 import sys
 import time
 import typing
+import uuid
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +69,19 @@ def _convert(name, typ, text):
     return text
 
 
+def field_comments(Config):
+    """{field: the comment after it in the class body}: the Config's own documentation, shown by --help."""
+    try:
+        source = inspect.getsource(Config)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, flags=re.M))
+
+
 def parse_args(Config, argv=None):
-    """Build a `Config` from `--key=value` flags: typed from the dataclass fields, unknown keys and bad values rejected."""
+    """Build a `Config` from `--key=value` flags: typed from the dataclass fields, unknown keys and bad values
+    rejected (and values the Config's __post_init__ refuses, such as a batch of 0). --help lists every key with its
+    default and comment."""
     argv = sys.argv[1:] if argv is None else argv
     hints = typing.get_type_hints(Config)
     fields = {f.name: f for f in dataclasses.fields(Config)}
@@ -66,9 +89,11 @@ def parse_args(Config, argv=None):
     values = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\nkeys (default):")
+            doc = (sys.modules[Config.__module__].__doc__ or "").strip().split("\n\n")[0]
+            notes = field_comments(Config)
+            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n\n{doc}\n\nkeys (default):")
             for k, f in fields.items():
-                print(f"  --{k}={f.default!r}")
+                print(f"  --{k}={f.default!r}".ljust(36) + f"  {notes.get(k, '')}")
             raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"error: expected --key=value, got {arg!r}. Valid keys: {valid}")
@@ -80,7 +105,18 @@ def parse_args(Config, argv=None):
             values[key] = _convert(key, hints[key], text)
         except ValueError as e:
             raise SystemExit(f"error: {e}. Valid keys: {valid}") from None
-    return Config(**values)
+    try:
+        return Config(**values)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_positive(cfg, *names, allow_zero=()):
+    """Sizes and counts are checked when the flags are parsed (a Config's __post_init__), not at the first step."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v < 1 and not (name in allow_zero and v == 0):
+            raise ValueError(f"--{name}={v}: must be a positive integer" + (" (or 0)" if name in allow_zero else ""))
 
 
 def print_config(cfg):
@@ -118,7 +154,7 @@ def parse_budget(text, n_layers):
     if is_count:
         k = int(value)
     elif value <= 1:
-        k = max(1, math.floor(value * n_layers + 0.5 + 1e-9))
+        k = max(1, math.floor(value * n_layers + 0.5 + 1e-9))  # the 1e-9: 0.125 * 36 is 4.4999999... in floats
     else:
         raise ValueError(f"--budget={text}: a fraction must be at most 1; for a count write an integer (e.g. 8)")
     if k > n_layers:
@@ -127,7 +163,100 @@ def parse_budget(text, n_layers):
     return k
 
 
-# --------------------------------------------------------------------------------------------------------- devices
+# ----------------------------------------------------------------------------------------------------------- files
+
+def atomic_write(path, write):
+    """Call write(tmp) for a temporary name unique to this process and call, then rename it to `path`: readers see
+    the old file or the new one, never half of one, and two processes never share a temporary file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write JSON atomically: an interrupted run never leaves half a file."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_folder(folder, what):
+    """Make `folder` this process's until it exits: a second writer of the same stage is refused with the owner's
+    pid; a lock left by a process that died (same host, pid gone) is taken over. Creating the lock file is also the
+    check, before any work, that the output can be written at all."""
+    path = os.path.join(folder, ".lock")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create the output folder {folder} ({e.strerror}): choose a writable "
+                              "--out_dir") from None
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.strftime("%F %T")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") == me["host"] and owner.get("pid") == me["pid"]:
+                os.remove(path)                            # this process's own lock, from an earlier stage call
+                continue
+            if owner.get("host") == me["host"] and owner.get("pid") and not _alive(owner["pid"]):
+                print(f"taking over {path}: its owner, pid {owner['pid']} ({owner.get('what')}), is gone")
+                os.remove(path)
+                continue
+            raise RuntimeError(f"{folder} is being written by another process ({owner.get('what', '?')}, pid "
+                               f"{owner.get('pid', '?')} on {owner.get('host', '?')}, since {owner.get('since', '?')}):"
+                               f" two writers would overwrite each other's files. Wait for it to finish, or stop it "
+                               f"(kill {owner.get('pid', '<pid>')}); if it is gone, delete {path}") from None
+        except OSError as e:
+            raise PermissionError(f"cannot write to the output folder {folder} ({e.strerror}): choose a writable "
+                                  "--out_dir") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+
+        def release():
+            try:
+                with open(path) as f:
+                    if json.load(f).get("pid") == me["pid"]:
+                        os.remove(path)
+            except (OSError, ValueError):
+                pass
+        atexit.register(release)
+        return release
+    raise RuntimeError(f"could not take the lock {path}")
+
+
+def fingerprint(model):
+    """A short id of a model's weights (and shapes): what identifies a teacher or a stage's input, whatever path it
+    was loaded from. Per tensor the fp64 sum and sum of squares, rounded to 9 digits (summation order noise stays
+    below that), hashed with the names and shapes."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().double()
+        h.update(f"{name}{tuple(t.shape)}{float(t.sum()):.9g}{float((t * t).sum()):.9g}".encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ devices, torchrun
 
 def pick_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,38 +269,124 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def banner(stage, device, model=None, tokens_per_step=None):
-    """One block at the start of a stage: versions, device, parameter counts by kind, tokens per step."""
+@dataclasses.dataclass
+class Dist:
+    """Where this process stands: rank of world processes (1 without torchrun) and its device."""
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_dist(device=""):
+    """One process (python stage.py), or one of torchrun's: then join the process group, NCCL on GPUs (one GPU per
+    process, cuda:LOCAL_RANK) and gloo on CPUs. A failure on any rank ends the group (destroy at exit; torchrun
+    stops the other ranks and names the one that failed)."""
+    device = device or pick_device()
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist(0, 1, device)
+    import torch.distributed as dist
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.startswith("cuda"):
+        if torch.cuda.device_count() <= local:
+            raise RuntimeError(f"rank {rank}: torchrun started {world} processes on this node but torch sees "
+                               f"{torch.cuda.device_count()} GPUs: use --nproc_per_node={torch.cuda.device_count()}")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one log: rank 0 prints (errors still reach stderr from every rank)
+    return Dist(rank, world, device)
+
+
+def all_mean(x, d):
+    """The mean of a float (or tensor) over the ranks; the value itself in one process."""
+    if d.world == 1:
+        return x
+    import torch.distributed as dist
+    t = torch.as_tensor(x, dtype=torch.float32, device=d.device).clone()
+    dist.all_reduce(t)
+    return t / d.world if torch.is_tensor(x) else float(t) / d.world
+
+
+def banner(stage, device, model=None, tokens_per_step=None, d=None):
+    """One block at the start of a stage: versions, device(s), parameter counts by kind, tokens per step."""
     import triton  # noqa: F401  (imported for its version only)
     gpu = torch.cuda.get_device_name() if str(device).startswith("cuda") else "no GPU"
-    print(f"== {stage} | torch {torch.__version__} | triton {triton.__version__} | {device} ({gpu})")
+    procs = f" x {d.world} processes (torchrun)" if d is not None and d.world > 1 else ""
+    print(f"== {stage} | torch {torch.__version__} | triton {triton.__version__} | {device} ({gpu}){procs}")
     if model is not None:
         counts = {}
         for name, p in model.named_parameters():
-            kind = "mixer" if ".self_attn." in name else "embed/head" if "embed" in name or "lm_head" in name else "other"
+            kind = ("mixer" if ".self_attn." in name else "embed/head" if "embed" in name or "lm_head" in name
+                    else "other")
             counts[kind] = counts.get(kind, 0) + p.numel()
         print("   params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     if tokens_per_step:
-        print(f"   tokens per step: {tokens_per_step:,}")
+        print(f"   tokens per step: {tokens_per_step:,}" + (" (all processes)" if procs else ""))
+
+
+def distribute(model, d, shard=False):
+    """The module a stage runs forward and backward through: the model itself in one process; under torchrun
+    DistributedDataParallel (every rank a full copy, gradients averaged in buckets during the backward), or with
+    shard=True FSDP2 (torch.distributed.fsdp.fully_shard, one unit per block plus the root): weights, gradients and
+    AdamW states split across ranks, for students that do not fit one GPU."""
+    if d.world == 1:
+        return model
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+        for block in model.model.layers:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[torch.device(d.device).index] if d.device.startswith("cuda")
+                                   else None)
+
+
+def check_teacher(teacher_fp, info, source, allow):
+    """Refuse a teacher other than the one the input checkpoint descends from (its weights' fingerprint), unless
+    the user asks for it (allow): the same shapes would otherwise train silently against the wrong model."""
+    want = (info.get("teacher") or {}).get("fingerprint")
+    if want is None or teacher_fp == want:
+        return
+    msg = (f"--teacher={source!r} is not the teacher this checkpoint descends from ({info['teacher'].get('source')!r};"
+           f" weights fingerprint {teacher_fp} vs {want})")
+    if not allow:
+        raise ValueError(msg + ". Pass that teacher (or leave --teacher empty to inherit it), or "
+                         "--other_teacher=true to distill from another one on purpose")
+    print(f"warning: {msg}; going on (--other_teacher=true)")
 
 
 # --------------------------------------------------------------------------------------------------------- logging
 
 class Logger:
-    """One line per log step with a fixed field order, the same fields appended to out_dir/log.jsonl."""
+    """One line per log step with a fixed field order, the same fields appended to out_dir/log.jsonl. A run that
+    starts at step 0 starts a new log.jsonl; a resumed one (start > 0) appends. Silent on ranks other than 0."""
 
-    def __init__(self, out_dir, total_steps=None):
-        os.makedirs(out_dir, exist_ok=True)
+    def __init__(self, out_dir, total_steps=None, start=0, enabled=True):
+        self.enabled, self.total, self.start = enabled, total_steps, start
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.total = total_steps
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            if start == 0 and os.path.exists(self.path):
+                os.remove(self.path)
         self.t0 = self.t_last = time.time()
 
     def log(self, step, total=None, tokens=None, **fields):
         """`fields` in the order given (loss first); `tokens` = tokens processed since the previous log call."""
+        if not self.enabled:
+            return
         total = total or self.total
         now = time.time()
         dt, self.t_last = now - self.t_last, now
         parts = [f"step {step}/{total}" if total else f"step {step}"]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            fields["mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         for k, v in fields.items():
             if isinstance(v, (list, dict)):
                 continue                                   # long values go to log.jsonl only
@@ -179,36 +394,34 @@ class Logger:
         parts.append(f"{dt * 1000:.0f}ms")
         if tokens:
             parts.append(f"{tokens / max(dt, 1e-9) / 1000:.0f}k tok/s")
-        if total and step > 0:
-            eta = (now - self.t0) / step * (total - step)
+        if total and step > self.start:
+            eta = (now - self.t0) / (step - self.start) * (total - step)
             parts.append(f"eta {eta / 60:.1f}m")
         print(" | ".join(parts), flush=True)
         record = {"step": step, **{k: float(v) if isinstance(v, (int, float)) else v for k, v in fields.items()},
                   "ms": round(dt * 1000, 1), "time": round(now - self.t0, 2)}
+        if tokens:
+            record["tok_s"] = round(tokens / max(dt, 1e-9))
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def final(self, **metrics):
+        if not self.enabled:
+            return
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                  if not isinstance(v, (list, dict))]
         print("final | " + " | ".join(parts + [f"{(time.time() - self.t0) / 60:.1f}m"]), flush=True)
 
 
-def check_finite(loss, step, last_ckpt):
-    """Stop a run at the first NaN/inf loss, naming the step and the last checkpoint that is still good."""
+def check_finite(loss, step, last_ckpt, fix):
+    """Stop a run at the first NaN/inf loss, naming the step, the last checkpoint whose weights were finite when it
+    was written (save_checkpoint refuses any other), and `fix`: the flags of this stage that help."""
     if not math.isfinite(float(loss)):
-        raise FloatingPointError(
-            f"loss is {float(loss)} at step {step}; stopping. The last good checkpoint is {last_ckpt or 'none (no step saved yet)'}. "
-            "Lower --lr, check the data for empty windows, or resume from that checkpoint.")
-
-
-def write_json(path, obj):
-    """Write JSON atomically (temp file, then os.replace): an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+        where = (f"The last good checkpoint is {last_ckpt} (its weights were checked finite when written); "
+                 f"continue from it with --resume=true after the change." if last_ckpt else
+                 "No checkpoint was written before it.")
+        raise FloatingPointError(f"loss is {float(loss)} at step {step}; stopping. {where} Try {fix}, and check the "
+                                 "data for empty windows.")
 
 
 # ------------------------------------------------------------------------------------------------------ chunked KL

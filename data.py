@@ -21,8 +21,8 @@ Writes <data_dir>/train.bin, valid.bin and meta.json (tokenizer source and finge
 document-end id, dtype, document and token counts). Stages read it through load_meta / check_tokenizer / load_tokens /
 get_batch below, and refuse data made with a different tokenizer than their teacher's.
 
-    python data.py --data=../shared/corpus --max_tokens=2000000 --run=smollm2        # offline corpus, 2M tokens
-    python data.py --run=smollm2                                                      # auto: FineWeb-Edu, 20M tokens
+    python data.py --data=../shared/corpus --max_tokens=2000000 --run_name=smollm2        # offline corpus, 2M tokens
+    python data.py --run_name=smollm2                                                 # auto: FineWeb-Edu, 20M tokens
 """
 
 import dataclasses
@@ -30,6 +30,8 @@ import glob
 import gzip
 import json
 import os
+import shutil
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import parse_args, pick_device, print_config, write_json
+from common import check_positive, lock_folder, parse_args, pick_device, print_config, write_json
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_CORPUS = os.path.join(REPO, "..", "shared", "corpus")
@@ -54,9 +56,9 @@ PROMPTS = ["", "The", "In", "A", "This", "Once upon a time", "Introduction", "Ho
 
 @dataclass
 class Config:
-    run: str = "smollm2"            # run name: files go to <out_dir>/<run>/data
+    run_name: str = "smollm2"       # run name: files go to <out_dir>/<run_name>/data
     out_dir: str = "out"            # root of all runs
-    data_dir: str = ""              # output folder; "" -> <out_dir>/<run>/data
+    data_dir: str = ""              # output folder; "" -> <out_dir>/<run_name>/data
     data: str = "auto"              # auto | teacher | a file or folder of text | a hub dataset id
     hub_config: str = ""            # config of a hub dataset; "" -> sample-10BT for FineWeb-Edu, else the default
     text_key: str = "text"          # field holding the document text in json/parquet/hub rows
@@ -69,6 +71,9 @@ class Config:
     threads: int = 8                # tokenizer threads (tiktoken releases the GIL)
     seed: int = 0                   # seed of the teacher's sampling
 
+    def __post_init__(self):
+        check_positive(self, "max_tokens", "valid_tokens", "valid_every", "gen_batch", "gen_len", "threads")
+
 
 # --------------------------------------------------------------------------------------------- shared by the stages
 
@@ -77,7 +82,8 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no token data in {data_dir} (missing meta.json): "
-                                f"run `python data.py --data_dir={data_dir}` first (or `python data.py --run=<run>`)")
+                                f"run `python data.py --data_dir={data_dir}` first (or `python data.py "
+                                "--run_name=<run>`)")
     with open(path) as f:
         return json.load(f)
 
@@ -117,18 +123,17 @@ def batch_rng(seed, step):
     return np.random.default_rng([seed, step])
 
 
-def get_batch(tokens, batch_size, seq_len, rng, device="cpu"):
+def get_batch(tokens, batch_size, seq_len, rng, device="cpu", rows=None):
     """B random windows of T+1 consecutive tokens -> LongTensor [B, T+1] (inputs = [:, :-1], targets = [:, 1:]).
 
-    rng: a numpy Generator (batch_rng(seed, step)) or a seeded torch.Generator."""
+    rng: batch_rng(seed, step). rows: a slice of the B windows to return (a process's share of the global batch
+    under torchrun, or one micro-batch): the windows are drawn for the whole batch first, so a row's tokens never
+    depend on how the batch is split."""
     n = len(tokens)
     if n < seq_len + 1:
         raise ValueError(f"this split has {n:,} tokens, fewer than seq_len+1 = {seq_len + 1}: "
                          "use a shorter --seq_len or make more data (python data.py --max_tokens=...)")
-    if isinstance(rng, torch.Generator):
-        starts = torch.randint(0, n - seq_len, (batch_size,), generator=rng).tolist()
-    else:
-        starts = rng.integers(0, n - seq_len, size=batch_size).tolist()
+    starts = rng.integers(0, n - seq_len, size=batch_size).tolist()[rows or slice(None)]
     x = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     if str(device).startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True)
@@ -237,10 +242,10 @@ def progress(label, tokens, docs, cap, t0):
 
 def write_splits(docs, out, cfg, tok, dtype, label="tokenising"):
     """Encode documents and append them, each followed by the end-of-document token (doc_end_id), to train.bin /
-    valid.bin (written as .tmp, then moved).
+    valid.bin in the folder `out` (a temporary one: main publishes the files once they are complete and checked).
 
     docs yields (split, text or ids); split is "train", "valid", or None = hold out every valid_every-th document."""
-    files = {s: open(os.path.join(out, f"{s}.bin.tmp"), "wb") for s in ("train", "valid")}
+    files = {s: open(os.path.join(out, f"{s}.bin"), "wb") for s in ("train", "valid")}
     caps = {"train": cfg.max_tokens, "valid": cfg.valid_tokens}
     count = {"train": [0, 0], "valid": [0, 0]}  # tokens, documents
     t0, shown, n_seen = time.time(), 0.0, 0
@@ -280,31 +285,20 @@ def write_splits(docs, out, cfg, tok, dtype, label="tokenising"):
     progress(label, count["train"][0], count["train"][1], caps["train"], t0)
     print()
     pool.shutdown()
-    for s, f in files.items():
+    for f in files.values():
         f.close()
-        os.replace(f.name, os.path.join(out, f"{s}.bin"))
     return count
 
 
 # ----------------------------------------------------------------------------------------------------------- main
 
 def main(cfg):
-    print_config(cfg)
     from teachers import DEFAULT_TEACHER
     from tokenizer import load_tokenizer
     cfg.teacher = cfg.teacher or DEFAULT_TEACHER
-    out = cfg.data_dir or os.path.join(cfg.out_dir, cfg.run, "data")
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, "meta.json")):
-        os.remove(os.path.join(out, "meta.json"))   # until the new files are complete, the folder reads as empty
+    out = cfg.data_dir or os.path.join(cfg.out_dir, cfg.run_name, "data")
 
-    # ---- load the tokenizer and pick the source
-    tok = load_tokenizer(cfg.teacher)
-    end = doc_end_id(tok)
-    if end is None:
-        raise ValueError(f"the tokenizer of {cfg.teacher!r} has no end-of-text or end-of-sequence token to separate "
-                         "documents")
-    dtype = np.uint16 if tok.n_vocab < 2**16 else np.uint32
+    # ---- check everything before touching the folder: the source, the tokenizer, that `out` can be written
     kind, where = cfg.data, cfg.data
     if cfg.data == "auto":
         if hub_reachable(FINEWEB):
@@ -317,9 +311,29 @@ def main(cfg):
         where = cfg.teacher
     elif os.path.exists(cfg.data):
         kind = "local"
+    elif not hub_reachable(cfg.data):
+        raise FileNotFoundError(f"--data={cfg.data!r} is neither a local path nor a reachable hub dataset. Pass a file "
+                                "or folder of .jsonl/.txt/.parquet, --data=teacher, or --data=auto")
     else:
         kind = "hub"
-    print(f"data: {kind} ({where})" + (" [chosen by --data=auto]" if cfg.data == "auto" else ""))
+    print_config(cfg)
+    print(f"data: {kind} ({where})" + (" [chosen by --data=auto]" if cfg.data == "auto" else "") + f" -> {out}")
+    tok = load_tokenizer(cfg.teacher)
+    end = doc_end_id(tok)
+    if end is None:
+        raise ValueError(f"the tokenizer of {cfg.teacher!r} has no end-of-text or end-of-sequence token to separate "
+                         "documents")
+    dtype = np.uint16 if tok.n_vocab < 2**16 else np.uint32
+    lock_folder(out, "data.py")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
+    old = os.path.join(out, "meta.json")
+    if os.path.exists(old) and all(os.path.exists(os.path.join(out, f"{s}.bin")) for s in ("train", "valid")):
+        with open(old) as f:
+            meta = json.load(f)
+        if {k: v for k, v in meta.get("config", {}).items() if k != "threads"} == settings \
+                and meta.get("probe_ids") == fingerprint(tok)["probe_ids"]:
+            print(f"final | {out} already holds this data (same settings and tokenizer): nothing to do")
+            return {k: meta[k] for k in ("train_tokens", "valid_tokens", "train_docs", "valid_docs", "source")}
 
     # ---- documents: (split, text or ids), split None = hold out every valid_every-th
     has_valid = False
@@ -335,25 +349,32 @@ def main(cfg):
             for text in iter_local(train_files, cfg.text_key):
                 yield ("train" if has_valid else None), text
     elif kind == "hub":
-        if cfg.data != "auto" and not hub_reachable(where):
-            raise FileNotFoundError(f"--data={where!r} is neither a local path nor a reachable hub dataset. "
-                                    "Pass a file or folder of .jsonl/.txt/.parquet, or --data=teacher")
         config = cfg.hub_config or ("sample-10BT" if where == FINEWEB else "")
         docs = lambda: ((None, text) for text in iter_hub(where, config, cfg.text_key))
     else:
         docs = lambda: ((None, ids) for ids in iter_teacher(cfg, tok))
 
-    # ---- tokenise and write
+    # ---- tokenise into a temporary folder, check, then publish: a failure leaves the old data as it was
     t0 = time.time()
-    count = write_splits(docs(), out, cfg, tok, dtype, "sampling" if kind == "teacher" else "tokenising")
-    if count["train"][0] == 0 or count["valid"][0] == 0:
-        raise ValueError(f"no {'train' if count['train'][0] == 0 else 'valid'} tokens came out of {where}: "
-                         "check --text_key and the files, or lower --valid_every")
-    meta = {"tokenizer": tok.source, **fingerprint(tok), "doc_end_id": end, "dtype": np.dtype(dtype).name,
-            "source": kind, "data": where,
-            "train_tokens": count["train"][0], "valid_tokens": count["valid"][0],
-            "train_docs": count["train"][1], "valid_docs": count["valid"][1], "config": dataclasses.asdict(cfg)}
-    write_json(os.path.join(out, "meta.json"), meta)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=out)
+    try:
+        count = write_splits(docs(), tmp, cfg, tok, dtype, "sampling" if kind == "teacher" else "tokenising")
+        if count["train"][0] == 0 or count["valid"][0] == 0:
+            raise ValueError(f"no {'train' if count['train'][0] == 0 else 'valid'} tokens came out of {where}: "
+                             "check --text_key and the files, or lower --valid_every (the data already in "
+                             f"{out}, if any, is unchanged)")
+        meta = {"tokenizer": tok.source, **fingerprint(tok), "doc_end_id": end, "dtype": np.dtype(dtype).name,
+                "source": kind, "data": where,
+                "train_tokens": count["train"][0], "valid_tokens": count["valid"][0],
+                "train_docs": count["train"][1], "valid_docs": count["valid"][1], "config": dataclasses.asdict(cfg)}
+        # meta.json goes first and comes back last: a kill in between leaves a folder that reads as empty
+        if os.path.exists(old):
+            os.remove(old)
+        for split in ("train", "valid"):
+            os.replace(os.path.join(tmp, f"{split}.bin"), os.path.join(out, f"{split}.bin"))
+        write_json(old, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     metrics = {k: meta[k] for k in ("train_tokens", "valid_tokens", "train_docs", "valid_docs", "source")}
     print(f"final | train {metrics['train_tokens']:,} tokens ({metrics['train_docs']:,} docs) | valid "
           f"{metrics['valid_tokens']:,} tokens ({metrics['valid_docs']:,} docs) | {meta['dtype']} | "

@@ -9,26 +9,34 @@ together and around the softmax layers. Every parameter trains: the mixers (and 
 
     loss = mean over tokens t of  KL(p_t || q_t) = sum_v p_t(v) (log p_t(v) - log q_t(v))
            p_t = softmax(teacher logits), q_t = softmax(student logits), temperature 1, full vocabulary
-    AdamW(0.9, 0.95), constant lr after a short warmup: 1e-4 for self_attn.* and input_layernorm, 7e-6 for the rest,
+    AdamW(0.9, 0.95, weight decay 0.01), constant lr: 1e-4 for self_attn.* and input_layernorm, 7e-6 for the rest,
     gradient norm clipped to 1.0
 
 The KL is computed by common.kl_div_chunked from the final hidden states and the two heads, in row chunks, so no
 B*T x V fp32 tensor is ever alive. SmolLM2 ties its embedding and head; `--untie=true` gives the head its own copy
-while training (as RADLADS does) and re-ties it in the final checkpoint (`--retie=mean` averages the two,
-`embed`/`head` keeps one), reporting the held-out KL before and after re-tying; checkpoints written during training
-keep the untied head.
+while training (as RADLADS does) and re-ties it in the final checkpoint (`--retie=embed` keeps the embedding, as
+RADLADS does; `mean` averages the two, `head` keeps the head), reporting the held-out KL before and after
+re-tying; checkpoints written during training keep the untied head.
+
+Speed (one GPU): the frozen teacher runs in bf16 weights under inference mode, its final hidden states computed once
+per batch; the student keeps fp32 weights under bf16 autocast (updates of 7e-6 need fp32), compiled by default on
+the GPU (the GLA kernel stays opaque to the compiler); fused AdamW; the host reads the loss only at log steps (a
+non-finite step is skipped on the GPU itself, see skip_nonfinite). Under torchrun every rank takes its rows of each
+global batch (DDP; --shard=true for FSDP2), and --micro_batch splits a rank's rows into several forwards.
 
 Reads  out/<run>/align/ckpt.pt, out/<run>/select/selection.json (or --layers=3,7), the teacher named in the parent
        checkpoint's config, the token files of data.py.
 Writes out/<run>/<out>/ckpt.pt (+ meta.json, log.jsonl); `--out=distill_kl_8` keeps several hybrids side by side.
+       Every --save_every steps a mid-run checkpoint with the optimizer state: --resume=true continues from it.
 
-    python distill.py --run=tiny --steps=20 --batch_size=2 --seq_len=64 --layers=1    # a few CPU steps
-    python distill.py --run=smollm2 --steps=2000 --batch_size=16 --seq_len=1024       # one GPU
+    python distill.py --run_name=tiny --steps=20 --batch_size=2 --seq_len=64 --layers=1    # a few CPU steps
+    python distill.py --run_name=smollm2 --steps=2000 --batch_size=16 --seq_len=1024       # one GPU
+    torchrun --standalone --nproc_per_node=2 distill.py --run_name=smollm2 --steps=2000     # two GPUs
 """
 
+import contextlib
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -38,38 +46,52 @@ import torch.nn as nn
 
 import data
 import model as M
-from common import (Logger, autocast, banner, check_finite, inherit, kl_div_chunked, parse_args, pick_device,
-                    print_config)
+from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_teacher, distribute,
+                    fingerprint, inherit, init_dist, kl_div_chunked, lock_folder, parse_args, print_config)
 from teachers import from_pretrained
 
 
 @dataclass
 class Config:
-    run: str = "smollm2"          # run name: everything lives in <out_dir>/<run>/
+    run_name: str = "smollm2"     # run name: everything lives in <out_dir>/<run_name>/
     out_dir: str = "out"          # root of all runs
-    input: str = ""               # Stage-1 checkpoint; "" = <out_dir>/<run>/align/ckpt.pt
-    selection: str = ""           # selection.json of select_layers.py; "" = <out_dir>/<run>/select/selection.json
+    input: str = ""               # Stage-1 checkpoint; "" = <out_dir>/<run_name>/align/ckpt.pt
+    selection: str = ""           # selection.json of select_layers.py; "" = <out_dir>/<run_name>/select/selection.json
     layers: str = ""              # "3,7" overrides the selection; "none" = all-linear student
     teacher: str = ""             # teacher source; "" = inherited from the parent checkpoint
+    other_teacher: bool = False   # allow a teacher other than the one the input descends from
     data_dir: str = ""            # token files; "" = inherited from the parent checkpoint
     out: str = "distill"          # output subfolder of the run (e.g. distill_kl_8 to keep several hybrids)
     steps: int = 1000             # optimizer steps
-    batch_size: int = 8           # sequences per step
-    seq_len: int = 512            # tokens per sequence (the paper uses 4096)
+    batch_size: int = 8           # sequences per step, over all processes (paper: 32)
+    micro_batch: int = 0          # sequences per forward per process (gradients accumulate); 0 = all of its share
+    seq_len: int = 512            # tokens per sequence (paper: 4096)
     lr_mixer: float = 1e-4        # lr of self_attn.* and input_layernorm (RADLADS step 2)
     lr_other: float = 7e-6        # lr of everything else
-    warmup: int = 20              # linear warmup steps, then constant
-    weight_decay: float = 0.0     # AdamW weight decay
+    warmup: int = 0               # linear warmup steps, then constant (paper: constant lr, no warmup)
+    weight_decay: float = 0.01    # AdamW weight decay (the official code: torch's default 0.01)
     clip: float = 1.0             # gradient-norm clip
     untie: bool = False           # train a separate head copy if the embeddings are tied, re-tie on save
-    retie: str = "mean"           # how to re-tie an untied head: mean | embed | head
+    retie: str = "embed"          # how to re-tie an untied head: embed (RADLADS keeps the embedding) | mean | head
     chunk: int = 4096             # rows per KL chunk (memory: ~4 x chunk x vocab fp32)
     valid_batches: int = 8        # held-out batches for the validation KL
     eval_every: int = 0           # validation KL every N steps (0 = only at the end)
-    save_every: int = 500         # checkpoint every N steps (0 = only at the end)
-    compile: bool = False         # torch.compile the student's forward
+    log_every: int = 10           # print and log every N steps (the host waits for the GPU only then)
+    save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
+    resume: bool = False          # continue the mid-run checkpoint in <out> (same settings), or say it is finished
+    compile: str = "auto"         # torch.compile the student: auto (on the GPU) | true | false
+    shard: bool = False           # under torchrun: FSDP2 instead of DDP (students that do not fit one GPU)
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order: batch s is a function of (seed, s) only
+
+    def __post_init__(self):
+        check_positive(self, "steps", "batch_size", "seq_len", "chunk", "log_every", "micro_batch", "valid_batches",
+                       "save_every", "eval_every", "warmup", allow_zero=("micro_batch", "valid_batches", "save_every",
+                                                                         "eval_every", "warmup"))
+        if self.retie not in ("embed", "mean", "head"):
+            raise ValueError(f"--retie={self.retie!r}: choose embed, mean or head")
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
 
 
 # ------------------------------------------------------------------------------------------- shared with score.py
@@ -86,14 +108,16 @@ def make_hybrid(student, teacher, layers):
     return student
 
 
-def make_optimizer(model, lr_mixer, lr_other, weight_decay=0.0):
-    """AdamW(0.9, 0.95) with two groups: mixers + pre-attention norms at lr_mixer, everything else at lr_other."""
+def make_optimizer(model, lr_mixer, lr_other, weight_decay=0.01):
+    """AdamW(0.9, 0.95) with two groups: mixers + pre-attention norms at lr_mixer, everything else at lr_other.
+    Fused (one kernel for all parameters) when they live on a GPU."""
     fast, slow = [], []
     for name, p in model.named_parameters():
         (fast if ".self_attn." in name or ".input_layernorm." in name else slow).append(p)
     groups = [{"params": fast, "lr": lr_mixer, "base_lr": lr_mixer},
               {"params": slow, "lr": lr_other, "base_lr": lr_other}]
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=weight_decay)
+    cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=weight_decay, fused=cuda)
 
 
 def set_lr(opt, step, warmup):
@@ -104,67 +128,96 @@ def set_lr(opt, step, warmup):
     return opt.param_groups[0]["lr"]
 
 
+def skip_nonfinite(opt, loss, norm):
+    """opt.step(), unless the loss or the gradient norm is not finite: then the weights stay as they were. On the
+    GPU without waiting for it (fused AdamW skips its update where found_inf is 1, as under a GradScaler); on the
+    CPU, where nothing runs ahead, by a plain test."""
+    ok = torch.isfinite(loss) & torch.isfinite(norm)
+    if opt.defaults.get("fused"):
+        opt.found_inf = (~ok).float()
+        opt.step()
+    elif bool(ok):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def load_teachers(source, device):
-    """(fp32 teacher on the CPU, whose weights make_hybrid restores; the frozen teacher that runs: the same model
-    on the CPU, a bf16 copy on the GPU, forward only)."""
+    """(fp32 teacher on the CPU, whose weights make_hybrid restores; its fingerprint; the frozen teacher that runs:
+    the same model on the CPU, a bf16 copy on the GPU, forward only)."""
     teacher32 = from_pretrained(source).eval().requires_grad_(False)
+    fp = fingerprint(teacher32)
     if not str(device).startswith("cuda"):
-        return teacher32, teacher32
-    return teacher32, copy.deepcopy(teacher32).to(device=device, dtype=torch.bfloat16)
+        return teacher32, fp, teacher32
+    return teacher32, fp, copy.deepcopy(teacher32).to(device=device, dtype=torch.bfloat16)
 
 
-def open_data(cfg):
-    """Train and valid token maps of cfg.data_dir, refused if made with another tokenizer than the teacher's."""
+def open_data(cfg, run_dir):
+    """Train and valid token maps of cfg.data_dir ("" = the run's own data folder), refused if made with another
+    tokenizer than the teacher's."""
     from tokenizer import load_tokenizer
-    cfg.data_dir = cfg.data_dir or os.path.join(cfg.out_dir, cfg.run, "data")
-    data.check_tokenizer(data.load_meta(cfg.data_dir), load_tokenizer(cfg.teacher), cfg.data_dir)
-    return data.load_tokens(cfg.data_dir, "train"), data.load_tokens(cfg.data_dir, "valid")
+    data_dir = cfg.data_dir or os.path.join(run_dir, "data")
+    meta = data.check_tokenizer(data.load_meta(data_dir), load_tokenizer(cfg.teacher), data_dir)
+    print(f"data: {os.path.abspath(data_dir)} ({meta['train_tokens']:,} train / {meta['valid_tokens']:,} valid tokens)")
+    return data.load_tokens(data_dir, "train"), data.load_tokens(data_dir, "valid")
 
 
-def batch_at(tokens, cfg, seed, step, device):
-    """Batch `step` of the stream `seed`: [B, T+1] token ids, the same in every run with the same (seed, step)."""
-    return data.get_batch(tokens, cfg.batch_size, cfg.seq_len, data.batch_rng(seed, step), device)
+def micro_batches(tokens, cfg, seed, step, d):
+    """This process's rows of global batch `step` (batch_size windows of seq_len+1 tokens, drawn from (seed, step)
+    alone), cut into micro-batches of cfg.micro_batch rows: the same token ids for any number of processes."""
+    if cfg.batch_size % d.world:
+        raise ValueError(f"--batch_size={cfg.batch_size} does not split over {d.world} processes: use a multiple")
+    share = cfg.batch_size // d.world
+    micro = cfg.micro_batch or share
+    if share % micro:
+        raise ValueError(f"--micro_batch={micro} does not divide this process's {share} sequences per step")
+    rng = data.batch_rng(seed, step)
+    mine = slice(d.rank * share, (d.rank + 1) * share)
+    rows = data.get_batch(tokens, cfg.batch_size, cfg.seq_len, rng, d.device, mine)
+    return list(rows.split(micro))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def teacher_hidden(teacher, idx, device):
     """The teacher's final-normed hidden states [B, T, D], computed once per batch (score.py shares them)."""
     with autocast(device):
         return teacher(idx, return_hidden=True)
 
 
-def stage2_step(student, t_hidden, t_head, idx, opt, clip=1.0, device="cpu", chunk=4096, forward=None):
-    """One Stage-2 step on one batch: forward KL(teacher || student), backward, clip, AdamW step.
+def stage2_step(forward, student, batches, t_head, opt, clip=1.0, device="cpu", chunk=4096):
+    """One Stage-2 optimizer step: forward KL(teacher || student) over the micro-batches [(idx, teacher hidden)],
+    gradients accumulated to the mean over all their tokens, clipped, one AdamW step (skipped if not finite).
 
-    t_hidden [B, T, D] and t_head [V, D] are the teacher's (see teacher_hidden). Returns the KL as a float, or nan
-    when the loss or the gradient is not finite; the update is then skipped, so the model stays as it was."""
-    forward = forward or student
-    with autocast(device):
-        s_hidden = forward(idx, return_hidden=True)
-        loss = kl_div_chunked(s_hidden.flatten(0, 1), student.lm_head.weight, t_hidden.flatten(0, 1), t_head, chunk)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    forward: the student, or its compiled / DDP wrapper (student is the module underneath, whose head the KL uses).
+    Returns the KL as a 0-dim tensor on the device: reading it (float()) makes the host wait for the GPU."""
+    total = 0.0
+    for i, (idx, t_hidden) in enumerate(batches):
+        # DDP averages gradients over ranks in the backward of the last micro-batch only
+        last = i == len(batches) - 1 or not hasattr(forward, "no_sync")
+        sync = contextlib.nullcontext() if last else forward.no_sync()
+        with sync:
+            with autocast(device):
+                s_hidden = forward(idx, return_hidden=True)
+                loss = kl_div_chunked(s_hidden.flatten(0, 1), student.lm_head.weight, t_hidden.flatten(0, 1), t_head,
+                                      chunk) / len(batches)
+            loss.backward()
+        total = total + loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
-    loss, norm = float(loss.detach()), float(norm)
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        opt.zero_grad(set_to_none=True)
-        return float("nan")
-    opt.step()
-    return loss
+    skip_nonfinite(opt, total, norm)
+    return total
 
 
 @torch.no_grad()
-def valid_kl(student, teacher, batches, device, chunk=4096):
-    """Mean KL(teacher || student) over fixed held-out batches."""
+def valid_kl(forward, student, teacher, batches, device, d, chunk=4096):
+    """Mean KL(teacher || student) over fixed held-out batches (this process's rows of each, averaged over ranks)."""
     student.eval()
     total = 0.0
     for idx in batches:
         with autocast(device):
-            s = student(idx, return_hidden=True).flatten(0, 1)
-            t = teacher(idx, return_hidden=True).flatten(0, 1)
+            s = forward(idx, return_hidden=True).flatten(0, 1)
+            t = teacher_hidden(teacher, idx, device).flatten(0, 1)
             total += float(kl_div_chunked(s, student.lm_head.weight.detach(), t, teacher.lm_head.weight, chunk))
     student.train()
-    return total / max(len(batches), 1)
+    return all_mean(total / max(len(batches), 1), d)
 
 
 def read_layers(cfg, n_layers):
@@ -196,83 +249,119 @@ def untie(model):
 
 
 def retie(model, how):
-    """Share one matrix between embedding and head again: their mean, or keep the embedding's or the head's."""
+    """Share one matrix between embedding and head again: keep the embedding's (RADLADS), their mean, or the head's."""
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
     with torch.no_grad():
         if how == "mean":
             emb.copy_((emb + head) / 2)
         elif how == "head":
             emb.copy_(head)
-        elif how != "embed":
-            raise ValueError(f"--retie must be mean, embed or head, got {how!r}")
     model.lm_head.weight = emb
     model.config.tie_word_embeddings = True
+
+
+def compile_student(student, cfg, device):
+    """torch.compile of the student's forward where it pays (the GPU, or --compile=true); the GLA kernel stays
+    outside the graph (kernels.chunk_gla is torch.compiler.disable'd)."""
+    on = cfg.compile == "true" or (cfg.compile == "auto" and str(device).startswith("cuda"))
+    return torch.compile(student) if on else student
 
 
 # ---------------------------------------------------------------------------------------------------------- main
 
 def main(cfg):
     t_start = time.time()
-    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    d = init_dist(cfg.device)
+    device = d.device
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     cfg.input = cfg.input or os.path.join(run_dir, "align", "ckpt.pt")
     cfg.selection = cfg.selection or os.path.join(run_dir, "select", "selection.json")
     out_dir = os.path.join(run_dir, cfg.out)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    device = cfg.device or pick_device()
+    if d.main:
+        lock_folder(out_dir, "distill.py")  # one writer per output folder; also checks it can be written
     torch.manual_seed(cfg.seed)
 
-    # ---- load: Stage-1 student, teacher, layers, data
-    student, parent = M.load_checkpoint(cfg.input)
+    # ---- load: Stage-1 student (or the mid-run checkpoint to resume), teacher, layers, data
+    parent = M.checkpoint_info(cfg.input)
     inherit(cfg, parent["config"], ["teacher", "data_dir"])
     print_config(cfg)
-    layers = read_layers(cfg, student.config.num_hidden_layers)
-    teacher32, teacher = load_teachers(cfg.teacher, device)
-    make_hybrid(student, teacher32, layers)
+    print(M.describe_input(cfg.input, parent))
+    state = M.resume_state(ckpt_path, asdict(cfg)) if cfg.resume else None
+    if state == "finished":
+        print(f"final | {ckpt_path} is complete with these settings: nothing to do")
+        return M.checkpoint_info(ckpt_path)["metrics"]
+    teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
+    if state:
+        student, _ = M.load_checkpoint(ckpt_path)
+        layers = [i for i, m in enumerate(student.config.mixers) if m == "attn"]
+    else:
+        student, _ = M.load_checkpoint(cfg.input)
+        layers = read_layers(cfg, student.config.num_hidden_layers)
+        make_hybrid(student, teacher32, layers)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"the teacher {cfg.teacher!r} has {teacher.config.vocab_size} words, the student "
+                         f"{student.config.vocab_size}: it is not this student's teacher")
     del teacher32
     student.to(device)
-    tied = student.lm_head.weight is student.model.embed_tokens.weight
-    if cfg.untie and tied:
+    tied = parent["model_config"].get("tie_word_embeddings", False)
+    if cfg.untie and tied and not state:
         untie(student)
         print(f"untied the head for training; it is re-tied ({cfg.retie}) when saved")
     print(f"hybrid mixers: {''.join('S' if m == 'attn' else '.' for m in student.config.mixers)} (S = softmax)")
-    train, valid = open_data(cfg)
-    valid_batches = [batch_at(valid, cfg, 1234, i, device)[:, :-1] for i in range(cfg.valid_batches)]
-    forward = torch.compile(student) if cfg.compile else student
+    train, valid = open_data(cfg, run_dir)
+    valid_batches = [torch.cat(micro_batches(valid, cfg, 1234, i, d)) for i in range(cfg.valid_batches)]
     opt = make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay)
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    forward = compile_student(distribute(student, d, cfg.shard), cfg, device)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    banner("distill (Stage 2)", device, student, tokens_per_step)
+    banner("distill (Stage 2)", device, student, tokens_per_step, d)
+    teacher_info = parent.get("teacher")
 
-    def save(metrics):
-        M.save_checkpoint(ckpt_path, student, stage="distill", config=asdict(cfg), parent=cfg.input,
-                          metrics=metrics, tokenizer=parent["tokenizer"])
+    def save(metrics, step=None):
+        """The checkpoint (rank 0): mid-run with the optimizer state when step is given, else the final one."""
+        train_state = None if step is None else {"step": step, "optimizer": opt.state_dict(),
+                                                 "history": [float(k) for k in kls]}
+        if d.main:
+            M.save_checkpoint(ckpt_path, student, stage="distill", config=asdict(cfg), parent=cfg.input,
+                              metrics=metrics, tokenizer=parent["tokenizer"], teacher=teacher_info,
+                              train_state=train_state)
 
     # ---- train
-    log = Logger(out_dir, cfg.steps)
-    kls, last_ckpt = [], None
-    for step in range(cfg.steps):
+    log = Logger(out_dir, cfg.steps, start, d.main)
+    kls = [torch.tensor(k, device=device) for k in state["history"]] if state else []  # per step, on the device
+    last_ckpt = ckpt_path if state else None
+    for step in range(start, cfg.steps):
         lr = set_lr(opt, step, cfg.warmup)
-        idx = batch_at(train, cfg, cfg.seed, step, device)[:, :-1]
-        kl = stage2_step(student, teacher_hidden(teacher, idx, device), teacher.lm_head.weight, idx, opt,
-                         cfg.clip, device, cfg.chunk, forward)
-        check_finite(kl, step + 1, last_ckpt)
-        kls.append(kl)
-        fields = {"kl": kl, "lr": lr}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            fields["valid_kl"] = valid_kl(student, teacher, valid_batches, device, cfg.chunk)
-        log.log(step + 1, tokens=tokens_per_step, **fields)
+        batches = [(idx[:, :-1], teacher_hidden(teacher, idx[:, :-1], device))
+                   for idx in micro_batches(train, cfg, cfg.seed, step, d)]
+        kls.append(stage2_step(forward, student, batches, teacher.lm_head.weight, opt, cfg.clip, device, cfg.chunk))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            n = min(cfg.log_every, step + 1 - start)
+            kl = all_mean(float(torch.stack(kls[-n:]).mean()), d)
+            check_finite(kl, step + 1, last_ckpt, "a smaller --lr_mixer / --lr_other")
+            fields = {"kl": kl, "lr": lr}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                fields["valid_kl"] = valid_kl(forward, student, teacher, valid_batches, device, d, cfg.chunk)
+            log.log(step + 1, tokens=n * tokens_per_step, **fields)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save({"step": step + 1, "kl": kl})
+            save({"step": step + 1}, step + 1)
             last_ckpt = ckpt_path
 
     # ---- evaluate, re-tie, save
+    kls = [float(k) for k in kls]
     late = kls[-max(1, len(kls) // 10):]
-    metrics = {"kl": sum(late) / len(late), "kl_first": kls[0] if kls else None, "steps": cfg.steps,
-               "tokens": cfg.steps * tokens_per_step, "layers": layers}
-    metrics["valid_kl"] = valid_kl(student, teacher, valid_batches, device, cfg.chunk)
-    if cfg.untie and tied:
+    metrics = {"kl": all_mean(sum(late) / len(late), d) if late else None, "kl_first": kls[0] if kls else None,
+               "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step, "layers": layers}
+    metrics["valid_kl"] = valid_kl(forward, student, teacher, valid_batches, device, d, cfg.chunk)
+    if student.lm_head.weight is not student.model.embed_tokens.weight and tied:
         metrics["valid_kl_untied"] = metrics["valid_kl"]
         retie(student, cfg.retie)
-        metrics["valid_kl"] = valid_kl(student, teacher, valid_batches, device, cfg.chunk)
+        metrics["valid_kl"] = valid_kl(student, student, teacher, valid_batches, device, d, cfg.chunk)
         print(f"re-tied ({cfg.retie}): valid KL {metrics['valid_kl_untied']:.4f} untied -> {metrics['valid_kl']:.4f}")
     metrics["time_s"] = round(time.time() - t_start, 1)
     save(metrics)

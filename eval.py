@@ -26,8 +26,8 @@ Writes out/<run>/eval/eval.json: settings (every flag, resolved), models (per mo
        by_task, by_length, by_task_length, by_depth, examples}, speed [per batch x length, with vs_teacher ratios]),
        summary (the printed table), notes, plots; and recall.png, niah_depth.png, speed.png when matplotlib is there.
 
-    python eval.py --run=tiny --lengths=256 --n=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 --speed_batch=2
-    python eval.py --run=smollm2                                  # one GPU: all checkpoints of the run + the teacher
+    python eval.py --run_name=tiny --lengths=256 --prompts=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 --speed_batch=2
+    python eval.py --run_name=smollm2                                  # one GPU: all checkpoints of the run + the teacher
 """
 
 import gc
@@ -51,7 +51,7 @@ from tokenizer import load_tokenizer
 
 @dataclass
 class Config:
-    run: str = "smollm2"            # run name: reads <out_dir>/<run>/*, writes <out_dir>/<run>/eval/
+    run_name: str = "smollm2"       # run name: reads <out_dir>/<run_name>/*, writes <out_dir>/<run_name>/eval/
     out_dir: str = "out"            # root of all runs
     models: str = ""                # comma-separated ckpt.pt paths; "" = the run's final checkpoints
     teacher: str = ""               # teacher source; "" = inherited from the checkpoints ("" there = SmolLM2)
@@ -62,7 +62,7 @@ class Config:
     tasks: str = ",".join(TASKS)    # recall tasks
     lengths: str = "1024,2048,4096"  # recall prompt lengths in tokens (at most the teacher's max_position_embeddings)
     depths: str = "0,0.25,0.5,0.75,1"  # needle depths, cycled over the n prompts of a cell
-    n: int = 20                     # prompts per task x length
+    prompts: int = 20               # prompts per task x length
     seed: int = 0                   # seed of the prompts (two runs see the same prompts)
     haystack: str = ""              # text file for the haystack; "" = RULER's repeated filler sentences
     speed: str = "auto"             # auto (on with a GPU, off on CPU) | on | off
@@ -283,7 +283,7 @@ def main(cfg):
     print_config(cfg)
     device = cfg.device or pick_device()
     cuda = device.startswith("cuda")
-    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     out = os.path.join(run_dir, "eval")
     os.makedirs(out, exist_ok=True)
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
@@ -321,8 +321,8 @@ def main(cfg):
         notes.append(f"recall lengths above max_position_embeddings={max_pos} test extrapolation (RoPE extended)")
     depths = [float(d) for d in cfg.depths.split(",")]
     t0 = time.time()
-    prompts = {(t, L): make_prompts(t, tok, L, cfg.n, cfg.seed, depths, cfg.haystack) for t in tasks for L in lengths}
-    print(f"recall prompts: {len(tasks)} tasks x {len(lengths)} lengths x {cfg.n} ({time.time() - t0:.1f}s; "
+    prompts = {(t, L): make_prompts(t, tok, L, cfg.prompts, cfg.seed, depths, cfg.haystack) for t in tasks for L in lengths}
+    print(f"recall prompts: {len(tasks)} tasks x {len(lengths)} lengths x {cfg.prompts} ({time.time() - t0:.1f}s; "
           f"chat format: {tok.is_chat})")
 
     # ---- quality: the teacher first, then each student (the teacher stays loaded for the KL)

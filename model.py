@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import atomic_write, write_json
 from kernels import chunk_gla, gla_step
 
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -380,41 +381,105 @@ def _plain(obj, where):
                     f"bools and None are stored")
 
 
-def save_checkpoint(path, model, *, stage: str, config: dict, parent: str | None, metrics: dict,
-                    tokenizer: str) -> None:
-    """Write the one checkpoint format (atomically) and meta.json beside it (everything but the tensors)."""
+def save_checkpoint(path, model, *, stage: str, config: dict, parent: str | None, metrics: dict, tokenizer: str,
+                    teacher: dict | None = None, train_state: dict | None = None) -> None:
+    """Write the one checkpoint format (atomically) and meta.json beside it (everything but the tensors).
+
+    teacher: {"source", "fingerprint"} of the teacher the weights descend from (stages refuse another one).
+    train_state: what --resume needs (optimizer state, step, settings) in a checkpoint written during training; the
+    checkpoint is then marked complete = False, and a later stage that reads it says so. Weights that are not all
+    finite are never written: the previous file stays, so the last checkpoint on disk is always a good one."""
     model = getattr(model, "_orig_mod", model)
+    state_dict = {k.replace("_orig_mod.", ""): v.detach() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(f"not writing {path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN "
+                                 "or inf (the checkpoint already there, if any, is kept)")
     # Whether the head is tied is read off the module, so a stage that unties it cannot leave a stale flag.
     model_config = {**asdict(model.config),
                      "tie_word_embeddings": model.lm_head.weight is model.model.embed_tokens.weight}
-    meta = _plain({"format": 1, "model_config": model_config, "stage": stage, "config": config,
-                   "parent": parent, "metrics": metrics, "tokenizer": tokenizer}, "ckpt")
-    state_dict = {k.replace("_orig_mod.", ""): v.detach() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": state_dict, **meta}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    meta = _plain({"format": 1, "model_config": model_config, "stage": stage, "config": config, "parent": parent,
+                   "metrics": metrics, "tokenizer": tokenizer, "teacher": teacher, "complete": train_state is None},
+                  "ckpt")
+    ckpt = {"model": state_dict, **meta, **({"train_state": train_state} if train_state is not None else {})}
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    # meta.json names the file it describes by size and mtime: a kill between the two renames leaves a meta.json
+    # that checkpoint_info sees is stale (and then reads the checkpoint itself).
+    st = os.stat(path)
+    write_json(os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json"),
+               {**meta, "ckpt_stat": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}})
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32):
-    """(model, checkpoint dict without the tensors). Strict: the tensors must be exactly the config's."""
+def _read(path, device):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # mmap: the optimizer state of a mid-run checkpoint is only read from disk if --resume asks for it
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable nanohybrid checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or not {"model", "model_config"} <= ckpt.keys():
         raise ValueError(f"{path}: not a nanohybrid checkpoint (expected a dict with format 1, model, model_config)")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """(model, checkpoint dict without the tensors of the model). Strict: the tensors must be exactly the config's."""
+    ckpt = _read(path, device)
     try:
         config = ModelConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad model_config: {e}") from e
     state_dict = {k: v.to(dtype=dtype) for k, v in ckpt["model"].items()}
     return build(config, state_dict, path), {k: v for k, v in ckpt.items() if k != "model"}
+
+
+def checkpoint_info(path):
+    """Everything of a checkpoint but its tensors, without loading them: meta.json when it describes the file
+    there now, else the checkpoint itself (mmap'd)."""
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
+    if os.path.isfile(meta_path) and os.path.isfile(path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        st = os.stat(path)
+        if meta.get("ckpt_stat") == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}:
+            return meta
+    return {k: v for k, v in _read(path, "cpu").items() if k not in ("model", "train_state")}
+
+
+# Flags that change neither the trajectory nor the result: a run may resume with other values of these.
+RESUME_FREE = ("resume", "log_every", "save_every", "eval_every", "valid_batches", "device", "compile", "micro_batch",
+               "shard")
+
+
+def resume_state(path, config):
+    """What --resume=true continues from: None (no checkpoint at `path` yet: start at step 0), "finished" (a
+    complete checkpoint written with the same settings: nothing to do), or the train_state of a mid-run checkpoint
+    written with the same settings (any flag but RESUME_FREE) -- else a clear error."""
+    if not os.path.isfile(path):
+        print(f"resume: no checkpoint at {path} yet, starting at step 0")
+        return None
+    info = checkpoint_info(path)
+    theirs = info.get("config", {})
+    diff = [f"--{k}={v!r} (it has {theirs.get(k)!r})" for k, v in config.items()
+            if k not in RESUME_FREE and theirs.get(k) != v]
+    if diff:
+        raise ValueError(f"--resume=true: {path} was written with other settings: {', '.join(diff)}. Pass the same "
+                         "flags to continue it, or --resume=false to start over (the checkpoint there is replaced)")
+    if info.get("complete"):
+        return "finished"
+    state = _read(path, "cpu").get("train_state")
+    print(f"resume: continuing {path} from step {state['step']}")
+    return state
+
+
+def describe_input(path, info):
+    """The line a stage prints about its input checkpoint, saying when it is one written mid-run."""
+    if info.get("complete", True):
+        return f"input: {path} ({info.get('stage')}, complete)"
+    step, steps = info.get("metrics", {}).get("step"), info.get("config", {}).get("steps")
+    return (f"warning: input {path} is a mid-run checkpoint of {info.get('stage')} (step {step} of {steps}): "
+            f"its stage did not finish; rerun it with --resume=true to finish it first")
 
 
 # ----------------------------------------------------------------------------------------------------------- generate

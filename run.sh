@@ -72,7 +72,7 @@ case "$PRESET" in
     SCORE_P="--steps=1 --eval_every=1 --patience=0 --batch_size=2 --seq_len=64 --warmup=0"
     DISTILL_P="--steps=6 --batch_size=2 --seq_len=64 --warmup=0 --valid_batches=2 --save_every=0"
     FINETUNE_P="--steps=4 --batch_size=2 --warmup=0 --kl_weight=0.5 --valid_batches=2 --save_every=0"
-    EVAL_P="--lengths=512 --n=2 --ppl_seq_len=64 --ppl_windows=4 --batch_size=2"
+    EVAL_P="--lengths=512 --prompts=2 --ppl_seq_len=64 --ppl_windows=4 --batch_size=2"
     ;;
   *) echo "run.sh: --preset must be auto, gpu or cpu (got '$PRESET')" >&2; exit 2 ;;
 esac
@@ -92,7 +92,7 @@ stage() {   # stage NAME SCRIPT ARGS...: run one stage, its output shown and kep
   "$PYTHON" "$script" "$@" 2>&1 | tee "$LOGS/$name.log"
   TIMES+=("$(printf '%-18s %6ds' "$name" $((SECONDS - t0)))")
 }
-common=(--run="$RUN" --out_dir="$OUT_DIR")
+common=(--run_name="$RUN" --out_dir="$OUT_DIR")
 # shellcheck disable=SC2086  # the preset and *_ARGS strings are lists of flags, split on purpose
 {
 stage data data.py "${common[@]}" --data="$DATA" --teacher="$TEACHER" $DATA_P ${DATA_ARGS:-}

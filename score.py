@@ -7,26 +7,29 @@ layers cannot replace leaves a small KL once it is restored: lower late KL = mor
 layers with the lowest scores; smaller budgets are prefixes of the same ranking.
 
     score(l) = mean of the probe's training KL over the last late_frac of its steps
-    K = round(budget * L); the probes run in rounds of eval_every steps, all on the same batches. After each round
-    the layers are ranked; once the top-K set has not changed for `patience` rounds, all probes stop
-    (the paper: the top-K set settles after 27-42% of the run)
+    the probes run in rounds of eval_every steps, all on the same batches. After each round the layers are ranked;
+    once the top-K set of every budget in --budget (e.g. 0.125,0.25,0.5: K = 4, 8, 15 of 30) has not changed for
+    `patience` rounds, all probes stop (the paper: the top-K set settles after 27-42% of the run)
 
 Each round computes the teacher's hidden states once per batch and steps every probe on them (one teacher forward
 for L probes). Probes train together as many as memory holds (on the GPU; those that do not fit there wait in CPU
 memory between their turns); more layers than that run in groups, later groups ranking against the stored curves
-of earlier ones, cut to the same step. scores.json is rewritten (atomically) after every round; a finished layer
-(all steps, or early-stopped) is never recomputed when the same settings run again; an unfinished one restarts.
+of earlier ones, cut to the same step. Under torchrun the layers are split across the ranks (no gradient traffic:
+the probes are independent), the curves gathered after every round so that every rank takes the same early-stop
+decision, and rank 0 writes the file. scores.json is rewritten (atomically) after every round; a finished layer
+(all steps, or early-stopped) is never recomputed when the same settings and the same Stage-1 weights run again; an
+unfinished one restarts.
 
 Reads  out/<run>/align/ckpt.pt, the teacher and token files named in its config.
 Writes out/<run>/score/scores.json: per layer {score, curve, steps, tokens, early_stopped, stopped_at, finished},
        "ranking" (most important first), "scores" (list by layer), "settings"; log.jsonl (one line per round).
 
-    python score.py --run=tiny --steps=8 --eval_every=2 --batch_size=2 --seq_len=64      # tiny CPU run
-    python score.py --run=smollm2 --steps=400 --eval_every=20 --batch_size=8 --seq_len=2048  # one GPU
+    python score.py --run_name=tiny --steps=8 --eval_every=2 --batch_size=2 --seq_len=64      # tiny CPU run
+    python score.py --run_name=smollm2 --steps=400 --eval_every=20 --batch_size=8 --seq_len=2048  # one GPU
+    torchrun --standalone --nproc_per_node=2 score.py --run_name=smollm2                          # two GPUs
 """
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -36,41 +39,53 @@ from dataclasses import dataclass
 import torch
 
 import model as M
-from common import (Logger, banner, check_finite, inherit, parse_args, parse_budget, pick_device, print_config,
-                    write_json)
-from distill import batch_at, load_teachers, make_hybrid, make_optimizer, open_data, set_lr, stage2_step, teacher_hidden
+from common import (Dist, Logger, banner, check_finite, check_positive, check_teacher, fingerprint, inherit,
+                    init_dist, lock_folder, parse_args, parse_budget, print_config, write_json)
+from distill import load_teachers, make_hybrid, make_optimizer, micro_batches, open_data, set_lr, stage2_step, \
+    teacher_hidden
 
 
 @dataclass
 class Config:
-    run: str = "smollm2"          # run name: everything lives in <out_dir>/<run>/
+    run_name: str = "smollm2"     # run name: everything lives in <out_dir>/<run_name>/
     out_dir: str = "out"          # root of all runs
-    input: str = ""               # Stage-1 checkpoint; "" = <out_dir>/<run>/align/ckpt.pt
+    input: str = ""               # Stage-1 checkpoint; "" = <out_dir>/<run_name>/align/ckpt.pt
     teacher: str = ""             # teacher source; "" = inherited from the parent checkpoint
+    other_teacher: bool = False   # allow a teacher other than the one the input descends from
     data_dir: str = ""            # token files; "" = inherited from the parent checkpoint
     layers: str = ""              # layers to score, e.g. "0,1" ("" = all); finished ones are skipped
-    budget: str = "0.25"          # softmax layers K: a fraction of L (0.25) or a count (8), as in select_layers.py
+    budget: str = "0.25"          # budgets whose top-K sets must settle before stopping early: "0.25" or "0.125,0.25,8"
     steps: int = 400              # Stage-2 steps per probe at most
     eval_every: int = 20          # steps per round: the ranking is checked after each round
-    patience: int = 4             # stop once the top-K set is unchanged for this many rounds (0 = never stop early)
+    patience: int = 4             # stop once every top-K set is unchanged for this many rounds (0 = never stop early)
     late_frac: float = 0.25       # score = mean KL over this last fraction of a probe's steps
     batch_size: int = 8           # sequences per step (the same batches for every probe)
+    micro_batch: int = 0          # sequences per forward (gradients accumulate); 0 = the whole batch
     seq_len: int = 512            # tokens per sequence (the paper uses 4096)
     lr_mixer: float = 1e-4        # Stage-2 lr of self_attn.* and input_layernorm
     lr_other: float = 7e-6        # Stage-2 lr of everything else
-    warmup: int = 20              # linear warmup steps
-    weight_decay: float = 0.0     # AdamW weight decay
+    warmup: int = 0               # linear warmup steps (paper: constant lr)
+    weight_decay: float = 0.01    # AdamW weight decay (the official code: torch's default 0.01)
     clip: float = 1.0             # gradient-norm clip
     chunk: int = 4096             # rows per KL chunk
-    max_probes: int = 0           # probes trained together (0 = as many as memory holds)
+    max_probes: int = 0           # probes trained together per process (0 = as many as memory holds)
     offload: str = "auto"         # park probes in CPU memory between turns: auto | true | false
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order
 
+    def __post_init__(self):
+        check_positive(self, "steps", "eval_every", "batch_size", "micro_batch", "seq_len", "chunk", "patience",
+                       "max_probes", "warmup", allow_zero=("micro_batch", "patience", "max_probes", "warmup"))
+        if not 0 < self.late_frac <= 1:
+            raise ValueError(f"--late_frac={self.late_frac}: a fraction in (0, 1]")
+        if self.offload not in ("auto", "true", "false"):
+            raise ValueError(f"--offload={self.offload!r}: choose auto, true or false")
 
-# Settings that change a probe's KL curve or its stopping point: a stored layer is reused only if they all match.
-SETTINGS = ("input", "teacher", "data_dir", "budget", "steps", "eval_every", "patience", "late_frac", "batch_size",
-            "seq_len", "lr_mixer", "lr_other", "warmup", "weight_decay", "clip", "seed")
+
+# Settings that change a probe's KL curve or its stopping point: a stored layer is reused only if they all match
+# (and the Stage-1 weights, by their fingerprint).
+SETTINGS = ("teacher", "data_dir", "budget", "steps", "eval_every", "patience", "late_frac", "batch_size", "seq_len",
+            "lr_mixer", "lr_other", "warmup", "weight_decay", "clip", "seed")
 
 
 def late_mean(curve, step, late_frac):
@@ -83,6 +98,11 @@ def late_mean(curve, step, late_frac):
 def rank(curves, step, late_frac):
     """Layers sorted by score at `step`, most important (lowest KL) first."""
     return sorted(curves, key=lambda l: (late_mean(curves[l], step, late_frac), l))
+
+
+def top_sets(order, Ks):
+    """The top-K set of the ranking for every budget K: early stopping waits until none of them changes."""
+    return tuple(frozenset(order[:K]) for K in Ks)
 
 
 def mem_available():
@@ -120,6 +140,26 @@ def plan(cfg, n_params, n_todo, device):
     return group, min(group, on_gpu)
 
 
+def gather(probes, d):
+    """Every rank's {layer: anything}, merged (one process: the dict itself)."""
+    if d.world == 1:
+        return dict(probes)
+    import torch.distributed as dist
+    parts = [None] * d.world
+    dist.all_gather_object(parts, probes)
+    return {l: c for part in parts for l, c in part.items()}
+
+
+def same_everywhere(n, d):
+    """The smallest of an integer over the ranks: a decision every rank must take alike."""
+    if d.world == 1:
+        return n
+    import torch.distributed as dist
+    t = torch.tensor(n, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
 def bar_chart(scores, top, width=40):
     """One line per layer: a bar proportional to its score, top-K layers starred."""
     lo, hi = min(scores.values()), max(scores.values())
@@ -134,46 +174,57 @@ def bar_chart(scores, top, width=40):
 
 def main(cfg):
     t_start = time.time()
-    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    d = init_dist(cfg.device)
+    device = d.device
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     cfg.input = cfg.input or os.path.join(run_dir, "align", "ckpt.pt")
     out_dir = os.path.join(run_dir, "score")
     path = os.path.join(out_dir, "scores.json")
-    device = cfg.device or pick_device()
+    if d.main:
+        lock_folder(out_dir, "score.py")  # one scorer per run: two would each score every layer
 
     # ---- load: Stage-1 student (on the CPU: each probe is a copy), teacher, data, stored scores
     base, parent = M.load_checkpoint(cfg.input)
     inherit(cfg, parent["config"], ["teacher", "data_dir"])
     print_config(cfg)
+    print(M.describe_input(cfg.input, parent))
     L = base.config.num_hidden_layers
-    K = parse_budget(cfg.budget, L)                  # the top-K set watched for early stopping
-    # The input's metrics identify the Stage-1 run: a rerun of align.py that changed the student invalidates the scores.
-    input_id = hashlib.sha1(json.dumps(parent["metrics"], sort_keys=True).encode()).hexdigest()[:12]
-    settings = {**{k: getattr(cfg, k) for k in SETTINGS}, "input_id": input_id}
+    Ks = sorted({parse_budget(b, L) for b in cfg.budget.split(",") if b.strip()})
+    # The input is identified by its weights: a rerun of align.py that changed the student invalidates the scores,
+    # one that left it as it was (a resumed, finished stage) does not.
+    settings = {**{k: getattr(cfg, k) for k in SETTINGS}, "input_fingerprint": fingerprint(base)}
     scope = [int(x) for x in cfg.layers.split(",") if x.strip()] if cfg.layers else list(range(L))
     if any(not 0 <= l < L for l in scope):
         raise ValueError(f"--layers={cfg.layers}: the model has {L} layers (0..{L - 1})")
-    record = {"method": "kl", "n_layers": L, "budget": cfg.budget, "top_k": K, "settings": settings, "layers": {}}
+    record = {"method": "kl", "n_layers": L, "budget": cfg.budget, "top_k": Ks, "settings": settings, "layers": {}}
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old.get("settings") == settings:
             record["layers"] = {k: v for k, v in old["layers"].items() if v["finished"]}
-        else:
+        elif d.main:
             os.replace(path, path + ".old")
-            print(f"{path} was made with other settings: moved to scores.json.old, starting afresh")
+            print(f"{path} was made with other settings or another Stage-1 checkpoint: moved to scores.json.old, "
+                  "starting afresh")
     done = {int(k): v["curve"] for k, v in record["layers"].items()}
     skipped = [l for l in scope if l in done]
     todo = [l for l in scope if l not in done]
-    print(f"scoring {len(todo)} layers, skipping {len(skipped)} finished ones {skipped}; top-K with K = {K} of {L}")
-    teacher32, teacher = load_teachers(cfg.teacher, device)
+    mine = todo[d.rank::d.world]                     # this rank's layers
+    print(f"scoring {len(todo)} layers, skipping {len(skipped)} finished ones {skipped}; top-K sets watched: "
+          f"K = {Ks} of {L}" + (f"; {d.world} processes, {len(mine)} layers each at most" if d.world > 1 else ""))
+    teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
     t_head = teacher.lm_head.weight
-    train, _ = open_data(cfg)
+    train, _ = open_data(cfg, run_dir)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    group_size, resident = plan(cfg, sum(p.numel() for p in base.parameters()), len(todo), device)
-    banner("score (KL-guided layer scoring)", device, base, tokens_per_step)
+    group_size, resident = plan(cfg, sum(p.numel() for p in base.parameters()), max(len(mine), 1), device)
+    group_size = same_everywhere(group_size, d)
+    resident = min(resident, group_size)
+    n_groups = max(math.ceil(len(todo[r::d.world]) / group_size) for r in range(d.world)) if todo else 0
+    banner("score (KL-guided layer scoring)", device, base, tokens_per_step, d)
     parked = f", {group_size - resident} of them waiting in CPU memory between turns" if resident < group_size else ""
-    print(f"probes: {group_size} at a time on {device}{parked}; {cfg.steps} steps each at most, "
-          f"in rounds of {cfg.eval_every}")
+    print(f"probes: {group_size} at a time per process on {device}{parked}; {n_groups} group(s); {cfg.steps} steps "
+          f"each at most, in rounds of {cfg.eval_every}")
 
     def save():
         at = min((len(c) for c in done.values()), default=0)
@@ -182,13 +233,15 @@ def main(cfg):
             record["layers"][str(l)]["score"] = late_mean(c, at, cfg.late_frac)
         record.update(scored_at_step=at, complete=len(done) == L, ranking=ranking,
                       scores=[record["layers"][str(l)]["score"] if l in done else None for l in range(L)])
-        write_json(path, record)
+        if d.main:
+            write_json(path, record)
 
     # ---- score: groups of probes, each trained in rounds that share the teacher's forward pass
-    log = Logger(out_dir, cfg.steps)
-    stopped_at = None
-    for g0 in range(0, len(todo), group_size):
-        group = todo[g0:g0 + group_size]
+    log = Logger(out_dir, enabled=d.main)
+    stopped_at, one = None, Dist(0, 1, device)      # every probe sees the whole batch (one = no row split)
+    rounds = math.ceil(cfg.steps / cfg.eval_every)
+    for g in range(n_groups):
+        group = mine[g * group_size:(g + 1) * group_size]
         probes, home = {}, {}
         for i, l in enumerate(group):
             home[l] = device if i < resident else "cpu"
@@ -196,47 +249,58 @@ def main(cfg):
             probes[l] = (student, make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay))
         curves, secs = {l: [] for l in group}, {l: 0.0 for l in group}
         # Early stopping needs every layer in the ranking: finished layers count with their curve cut to this step.
-        can_stop = cfg.patience > 0 and len(set(done) | set(group)) == L
+        seen = {l for r in range(d.world) for l in todo[r::d.world][:(g + 1) * group_size]}
+        can_stop = cfg.patience > 0 and len(set(done) | seen) == L
         step, stable, top = 0, 0, None
         while step < cfg.steps:
             n = min(cfg.eval_every, cfg.steps - step)
             # the same batches for every probe, and the teacher's forward pass once per batch for all of them
-            batches = [batch_at(train, cfg, cfg.seed, step + i, device)[:, :-1] for i in range(n)]
-            hidden = [teacher_hidden(teacher, idx, device) for idx in batches]
+            batches = []
+            for i in range(n if probes else 0):
+                batches.append([(idx[:, :-1], teacher_hidden(teacher, idx[:, :-1], device))
+                                for idx in micro_batches(train, cfg, cfg.seed, step + i, one)])
             for l, probe in probes.items():
                 t0 = time.time()
                 move(probe, device)
                 student, opt = probe
-                for i, idx in enumerate(batches):
+                kls = []
+                for i, batch in enumerate(batches):
                     set_lr(opt, step + i, cfg.warmup)
-                    kl = stage2_step(student, hidden[i], t_head, idx, opt, cfg.clip, device, cfg.chunk)
-                    check_finite(kl, f"{step + i + 1} of the layer-{l} probe", path if done else None)
-                    curves[l].append(kl)
-                opt.zero_grad(set_to_none=True)
+                    kls.append(stage2_step(student, student, batch, t_head, opt, cfg.clip, device, cfg.chunk))
+                curves[l] += [float(k) for k in torch.stack(kls)]   # one wait for the GPU per probe and round
+                check_finite(sum(curves[l][-n:]), f"{step + n} of the layer-{l} probe", None,
+                             "a smaller --lr_mixer / --lr_other (layers already finished stay in scores.json)")
                 move(probe, home[l])
                 secs[l] += time.time() - t0
             step += n
-            order = rank({**done, **curves}, step, cfg.late_frac)
-            stable = stable + 1 if set(order[:K]) == top else 0
-            top = set(order[:K])
-            log.log(step, tokens=n * tokens_per_step * len(group), best=order[0],
-                    kl_best=late_mean(({**done, **curves})[order[0]], step, cfg.late_frac),
-                    top_k=",".join(map(str, sorted(top))), stable=stable)
+            status = gather({l: (curves[l], secs[l]) for l in group}, d)
+            everyone = {**done, **{l: c for l, (c, _) in status.items()}}
+            order = rank(everyone, step, cfg.late_frac)
+            now = top_sets(order, Ks)
+            stable = stable + 1 if now == top else 0
+            top = now
+            log.log(g * rounds + step // cfg.eval_every, n_groups * rounds,
+                    tokens=n * tokens_per_step * len(everyone.keys() - done.keys()), group=f"{g + 1}/{n_groups}",
+                    probe_step=f"{step}/{cfg.steps}", best=order[0],
+                    kl_best=late_mean(everyone[order[0]], step, cfg.late_frac),
+                    top_k=",".join(map(str, sorted(order[:Ks[-1]]))), stable=stable)
             finish = step >= cfg.steps or (can_stop and stable >= cfg.patience)
-            for l in group:
+            for l, curve in everyone.items():
+                if l in done:
+                    continue
                 record["layers"][str(l)] = {
-                    "score": late_mean(curves[l], step, cfg.late_frac), "curve": curves[l], "steps": step,
+                    "score": late_mean(curve, step, cfg.late_frac), "curve": curve, "steps": step,
                     "tokens": step * tokens_per_step, "early_stopped": finish and step < cfg.steps,
                     "stopped_at": step if finish and step < cfg.steps else None, "finished": finish,
-                    "time_s": round(secs[l], 1)}
+                    "time_s": round(status[l][1], 1)}
             if finish:
-                done.update(curves)
+                done.update({l: c for l, c in everyone.items() if l not in done})
             save()
             if finish:
                 if step < cfg.steps:
                     stopped_at = step
-                    print(f"top-{K} set {sorted(top)} unchanged for {stable} rounds: stopping all probes at step "
-                          f"{step} of {cfg.steps}")
+                    print(f"top-K sets {[sorted(s) for s in top]} unchanged for {stable} rounds: stopping all probes "
+                          f"at step {step} of {cfg.steps}")
                 break
         del probes
 
@@ -245,9 +309,9 @@ def main(cfg):
         raise RuntimeError("no layer was scored")
     save()
     scores = {l: record["layers"][str(l)]["score"] for l in sorted(done)}
-    print(bar_chart(scores, set(record["ranking"][:K])))
+    print(bar_chart(scores, set(record["ranking"][:Ks[-1]])))
     print(f"ranking (most important first): {record['ranking']}  (scores at step {record['scored_at_step']})")
-    metrics = {"ranking": record["ranking"], "top_k": record["ranking"][:K], "complete": record["complete"],
+    metrics = {"ranking": record["ranking"], "top_k": record["ranking"][:Ks[-1]], "complete": record["complete"],
                "scored": todo, "skipped": skipped, "early_stopped": stopped_at is not None,
                "stopped_at": stopped_at, "scores": scores, "time_s": round(time.time() - t_start, 1)}
     log.final(**metrics)

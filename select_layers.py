@@ -13,12 +13,13 @@ arXiv 2512.20569). The other methods are the baselines it is compared against:
               key-value recall accuracy (recall.recall_accuracy, task mqar) against the intact teacher; keep the K
               largest drops
 
-Budget: a fraction of L (0.25 -> 0.25 * L rounded half up, at least 1, as the paper's configs) or a count (8). Ties break toward the lower index.
+Budget: a fraction of L (0.25 -> 0.25 * L rounded half up, at least 1, as the paper's configs count) or a count (8).
+Ties break toward the lower index.
 Writes <run>/select/selection.json: {"method", "budget", "n_layers", "layers" (sorted), "scores" (per layer), "source"};
 --out names another file in the same folder, so that several selections can sit side by side.
 
-    python select_layers.py --run=smollm2 --method=uniform --budget=0.25 --out=selection_uniform.json   # no inputs needed
-    python select_layers.py --run=smollm2 --method=kl --budget=0.25        # after score.py: the paper's selection
+    python select_layers.py --run_name=smollm2 --method=uniform --budget=0.25 --out=selection_uniform.json  # no inputs
+    python select_layers.py --run_name=smollm2 --method=kl --budget=0.25        # after score.py: the paper's selection
 """
 
 import json
@@ -28,51 +29,43 @@ from dataclasses import dataclass
 
 import torch
 
-from common import inherit, parse_args, parse_budget, pick_device, print_config, write_json
+from common import check_positive, inherit, parse_args, parse_budget, pick_device, print_config, write_json
+from model import checkpoint_info
 
 METHODS = ("kl", "uniform", "ga_s1", "ablation")
 
 
 @dataclass
 class Config:
-    run: str = "smollm2"            # run name: reads and writes under <out_dir>/<run>
+    run_name: str = "smollm2"       # run name: reads and writes under <out_dir>/<run_name>
     out_dir: str = "out"            # root of all runs
     method: str = "kl"              # kl | uniform | ga_s1 | ablation
     budget: str = "0.25"            # softmax layers kept: a fraction of L (0.25) or a count (8)
     out: str = ""                   # file name in <run>/select/ (or a path); "" -> selection.json
-    scores: str = ""                # kl: "" -> <out_dir>/<run>/score/scores.json
-    align: str = ""                 # ga_s1 (and L for the others): "" -> <out_dir>/<run>/align/ckpt.pt
+    scores: str = ""                # kl: "" -> <out_dir>/<run_name>/score/scores.json (another run's: cross-variant)
+    align: str = ""                 # ga_s1 (and L for the others): "" -> <out_dir>/<run_name>/align/ckpt.pt
     n_layers: int = -1              # L; -1 -> from the scores, the align checkpoint or the teacher
     teacher: str = ""               # ablation: "" -> inherited from the align checkpoint's config, else the default
     task: str = "mqar"              # ablation: recall task of recall.recall_accuracy
     length: int = 512               # ablation: context length of the recall prompts
-    n: int = 64                     # ablation: prompts per measurement
+    prompts: int = 64               # ablation: prompts per measurement
     device: str = ""                # ablation: "" -> cuda if available else cpu
     seed: int = 0                   # ablation: seed of the recall prompts (the same prompts for every layer)
 
-
-def read_meta(ckpt_path):
-    """The metrics/config of a checkpoint without loading its tensors (meta.json beside it), else from the file."""
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            return json.load(f)
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        return {k: v for k, v in ckpt.items() if k != "model"}
-    return None
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method={self.method!r} is unknown: choose one of {', '.join(METHODS)}")
+        check_positive(self, "length", "prompts")
 
 
 def read_kl_scores(path):
-    """Per-layer scores of score.py: {"scores": [score or null per layer], ...} (a bare list is accepted too)."""
+    """Per-layer scores of score.py: {"scores": [score or null per layer], ...}."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no KL scores at {path}: run `python score.py` for this run first "
                                 "(or pass --scores=<file>, or choose --method=uniform|ga_s1|ablation)")
     with open(path) as f:
         record = json.load(f)
-    scores = record.get("scores") if isinstance(record, dict) else record
-    if isinstance(scores, dict):
-        scores = [scores.get(str(i)) for i in range(max(int(k) for k in scores) + 1)]
+    scores = record.get("scores") if isinstance(record, dict) else None
     if not isinstance(scores, list) or not scores:
         raise ValueError(f"{path} holds no per-layer list 'scores'")
     missing = [i for i, s in enumerate(scores) if s is None]
@@ -90,10 +83,10 @@ def ablation_scores(cfg, teacher_source):
     device = cfg.device or pick_device()
     model = from_pretrained(teacher_source, device=device).eval()
     tok = load_tokenizer(teacher_source)
-    measure = lambda: float(recall_accuracy(model, tok, task=cfg.task, length=cfg.length, n=cfg.n, seed=cfg.seed,
+    measure = lambda: float(recall_accuracy(model, tok, task=cfg.task, length=cfg.length, n=cfg.prompts, seed=cfg.seed,
                                             device=device))
     base = measure()
-    print(f"intact teacher: {cfg.task} accuracy {base:.3f} at length {cfg.length} (n={cfg.n})")
+    print(f"intact teacher: {cfg.task} accuracy {base:.3f} at length {cfg.length} (n={cfg.prompts})")
     if base < 0.1:
         print(f"warning: the intact teacher barely solves {cfg.task} at length {cfg.length}, so the drops say little "
               "about the layers; try a shorter --length, another --task or a larger --n")
@@ -111,14 +104,14 @@ def ablation_scores(cfg, teacher_source):
 
 def main(cfg):
     t0 = time.time()
-    print_config(cfg)
-    if cfg.method not in METHODS:
-        raise ValueError(f"--method={cfg.method!r} is unknown: choose one of {', '.join(METHODS)}")
-    run_dir = os.path.join(cfg.out_dir, cfg.run)
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     cfg.scores = cfg.scores or os.path.join(run_dir, "score", "scores.json")
     cfg.align = cfg.align or os.path.join(run_dir, "align", "ckpt.pt")
-    out = os.path.join(run_dir, "select", cfg.out or "selection.json") if "/" not in cfg.out else cfg.out
-    align_meta = read_meta(cfg.align)
+    cfg.out = os.path.join(run_dir, "select", cfg.out or "selection.json") if "/" not in cfg.out else cfg.out
+    align_meta = checkpoint_info(cfg.align) if os.path.exists(cfg.align) else None
+    if align_meta and cfg.method in ("ablation", "uniform"):
+        inherit(cfg, align_meta.get("config", {}), ["teacher"])
+    print_config(cfg)
 
     # ---- per-layer scores; `larger` says whether large scores are the ones kept
     extra = {}
@@ -131,12 +124,10 @@ def main(cfg):
                                     "`python align.py` for this run first, or pass --align=<checkpoint>")
         scores, source, larger = [float(x) for x in losses], cfg.align, True
     elif cfg.method == "ablation":
-        if align_meta:
-            inherit(cfg, align_meta.get("config", {}), ["teacher"])
         from teachers import DEFAULT_TEACHER
         teacher = cfg.teacher or DEFAULT_TEACHER
         scores, extra["base_accuracy"] = ablation_scores(cfg, teacher)
-        source, larger = f"{teacher} ({cfg.task}, length {cfg.length}, n {cfg.n}, seed {cfg.seed})", True
+        source, larger = f"{teacher} ({cfg.task}, length {cfg.length}, n {cfg.prompts}, seed {cfg.seed})", True
     else:
         scores, source, larger = None, "layer count", None
 
@@ -148,7 +139,6 @@ def main(cfg):
         L = align_meta["model_config"]["num_hidden_layers"]
     if L < 0:
         from teachers import DEFAULT_TEACHER, from_pretrained
-        inherit(cfg, (align_meta or {}).get("config", {}), ["teacher"])
         L = from_pretrained(cfg.teacher or DEFAULT_TEACHER).config.num_hidden_layers
     if scores is not None and len(scores) != L:
         raise ValueError(f"{source} has {len(scores)} layer scores but --n_layers={L}")
@@ -164,9 +154,9 @@ def main(cfg):
 
     selection = {"method": cfg.method, "budget": K, "budget_arg": cfg.budget, "n_layers": L, "layers": layers,
                  "scores": scores, "source": source, **extra}
-    write_json(out, selection)
+    write_json(cfg.out, selection)
     print("selection: " + "".join("S" if i in layers else "." for i in range(L)) + f"  (S = softmax, {K} of {L})")
-    print(f"final | {cfg.method} | layers {layers} | {(time.time() - t0):.1f}s | {out}")
+    print(f"final | {cfg.method} | layers {layers} | {(time.time() - t0):.1f}s | {cfg.out}")
     return selection
 
 

@@ -16,7 +16,7 @@ Reads the teacher (HF folder, hub id, .gguf, or "" for the default SmolLM2-135M-
 out/<run>/transfer/ckpt.pt (+ meta.json) with the teacher source in its config, for every later stage to inherit.
 
     python transfer.py                                                      # default teacher (CPU, seconds)
-    python transfer.py --teacher=Qwen/Qwen2.5-0.5B-Instruct --run=qwen     # any HF folder, hub id or .gguf
+    python transfer.py --teacher=Qwen/Qwen2.5-0.5B-Instruct --run_name=qwen     # any HF folder, hub id or .gguf
 """
 
 import dataclasses
@@ -27,17 +27,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import banner, parse_args, print_config
+from common import banner, fingerprint, parse_args, print_config
 
 PROBE = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
 
 @dataclass
 class Config:
-    run: str = "smollm2"            # run name: writes <out_dir>/<run>/transfer/ckpt.pt
+    run_name: str = "smollm2"       # run name: writes <out_dir>/<run_name>/transfer/ckpt.pt
     out_dir: str = "out"            # root of all runs
     teacher: str = ""               # HF folder | hub id | .gguf | "" -> default teacher (SmolLM2-135M-Instruct)
-    output: str = ""                # checkpoint path; "" -> <out_dir>/<run>/transfer/ckpt.pt
+    output: str = ""                # checkpoint path; "" -> <out_dir>/<run_name>/transfer/ckpt.pt
     seed: int = 0                   # init of the new GLA parameters (gates, output norm)
 
 
@@ -75,12 +75,13 @@ def main(cfg):
     from tokenizer import load_tokenizer
     t0 = time.time()
     cfg.teacher = cfg.teacher or DEFAULT_TEACHER
-    cfg.output = cfg.output or os.path.join(cfg.out_dir, cfg.run, "transfer", "ckpt.pt")
+    cfg.output = cfg.output or os.path.join(cfg.out_dir, cfg.run_name, "transfer", "ckpt.pt")
     print_config(cfg)
     torch.manual_seed(cfg.seed)
 
     # ---- load the teacher (the student is the same model, converted in place)
     model = from_pretrained(cfg.teacher).eval()
+    teacher = {"source": cfg.teacher, "fingerprint": fingerprint(model)}  # every later checkpoint carries it
     tok = load_tokenizer(cfg.teacher)
     c = model.config
     if c.num_attention_heads % c.num_key_value_heads:
@@ -109,7 +110,7 @@ def main(cfg):
     metrics = {"probe_kl": probe_kl(logits_teacher, logits_student), "n_layers": c.num_hidden_layers,
                "mixer_params": sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n)}
     save_checkpoint(cfg.output, model, stage="transfer", config=dataclasses.asdict(cfg), parent=cfg.teacher,
-                    metrics=metrics, tokenizer=tok.source)
+                    metrics=metrics, tokenizer=tok.source, teacher=teacher)
     print(f"final | probe_kl {metrics['probe_kl']:.4g} (teacher vs untrained student) | "
           f"{metrics['mixer_params'] / 1e6:.2f}M mixer params | {(time.time() - t0) / 60:.1f}m | {cfg.output}")
     return metrics

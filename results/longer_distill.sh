@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR="$1"; OUT_DIR="${2:-out}"; PY="${PYTHON:-python}"
-R=(--run=long --out_dir="$OUT_DIR"); D="$OUT_DIR/long"
+R=(--run_name=long --out_dir="$OUT_DIR"); D="$OUT_DIR/long"
 mkdir -p "$D/logs"
 t() { local n=$1 t0=$SECONDS; shift; "$@" > "$D/logs/$n.log" 2>&1; local rc=$?
       echo "time $n $((SECONDS - t0))s rc $rc" | tee -a "$D/logs/times.txt"; return $rc; }
@@ -19,4 +19,4 @@ t distill_kl_8 $PY distill.py "${R[@]}" --layers=0,1,2,17,18,20,23,24 --out=dist
 t distill_uniform_8 $PY distill.py "${R[@]}" --layers=1,5,9,13,16,20,24,28 --out=distill_uniform_8 "${DIST[@]}" &
 wait -n && wait -n || { echo "a distill failed: see $D/logs/distill_*.log"; exit 1; }
 t eval $PY eval.py "${R[@]}" --data_dir="$DATA_DIR" --models="$D/distill_kl_8/ckpt.pt,$D/distill_uniform_8/ckpt.pt" \
-  --lengths=1024,2048,4096 --n=20 --batch_size=60 --speed=off
+  --lengths=1024,2048,4096 --prompts=20 --batch_size=60 --speed=off

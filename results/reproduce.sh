@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR="$1"; OUT_DIR="${2:-out}"; RUN="${RUN:-result}"; PY="${PYTHON:-python}"
 ALIGN_STEPS="${ALIGN_STEPS:-300}"; SCORE_STEPS="${SCORE_STEPS:-60}"; DISTILL_STEPS="${DISTILL_STEPS:-300}"
-R=(--run="$RUN" --out_dir="$OUT_DIR")
+R=(--run_name="$RUN" --out_dir="$OUT_DIR")
 D="$OUT_DIR/$RUN"
 mkdir -p "$D/logs"
 # t NAME CMD...: run one step, keep its whole output in logs/NAME.log, show the step lines, time it.
@@ -35,10 +35,10 @@ t distill_linear $PY distill.py "${R[@]}" --layers=none --out=distill_linear "${
 # Quality and recall of every hybrid, the all-linear students (Stage 1 alone, and after distill) and the teacher.
 MODELS="$D/align/ckpt.pt"
 for m in kl_8 uniform_8 ga_s1_8 kl_4 uniform_4 ga_s1_4 linear; do MODELS="$MODELS,$D/distill_$m/ckpt.pt"; done
-t eval $PY eval.py "${R[@]}" --data_dir="$DATA_DIR" --models="$MODELS" --lengths=1024,2048,4096 --n="${EVAL_N:-20}" \
+t eval $PY eval.py "${R[@]}" --data_dir="$DATA_DIR" --models="$MODELS" --lengths=1024,2048,4096 --prompts="${EVAL_N:-20}" \
   --batch_size=60 --speed=off
 # Speed and memory depend on the layout only (K softmax layers), so they are measured once per budget.
-t eval_speed $PY eval.py --run="${RUN}_speed" --out_dir="$OUT_DIR" --data_dir="$DATA_DIR" --ppl_windows=8 \
-  --models="$D/distill_kl_8/ckpt.pt,$D/distill_kl_4/ckpt.pt,$D/distill_linear/ckpt.pt" --tasks=mqar --lengths=1024 --n=2 \
+t eval_speed $PY eval.py --run_name="${RUN}_speed" --out_dir="$OUT_DIR" --data_dir="$DATA_DIR" --ppl_windows=8 \
+  --models="$D/distill_kl_8/ckpt.pt,$D/distill_kl_4/ckpt.pt,$D/distill_linear/ckpt.pt" --tasks=mqar --lengths=1024 --prompts=2 \
   --speed=on --speed_lengths=1024,4096,16384,32768
 cat "$D/logs/times.txt"

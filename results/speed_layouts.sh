@@ -9,11 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR="$1"; O="${2:-out}"; PY="${PYTHON:-python}"
-$PY transfer.py --run=layouts --out_dir="$O"
+$PY transfer.py --run_name=layouts --out_dir="$O"
 for spec in kl_8:0,1,2,17,18,20,23,24 kl_4:1,18,20,23 linear:none; do
-  $PY distill.py --run=layouts --out_dir="$O" --input="$O/layouts/transfer/ckpt.pt" --data_dir="$DATA_DIR" \
+  $PY distill.py --run_name=layouts --out_dir="$O" --input="$O/layouts/transfer/ckpt.pt" --data_dir="$DATA_DIR" \
     --layers="${spec#*:}" --out="distill_${spec%%:*}" --steps=1 --batch_size=1 --seq_len=64 --valid_batches=1 --save_every=0
 done
-$PY eval.py --run=layouts_speed --out_dir="$O" --data_dir="$DATA_DIR" --ppl_windows=8 --tasks=mqar --lengths=1024 --n=2 \
+$PY eval.py --run_name=layouts_speed --out_dir="$O" --data_dir="$DATA_DIR" --ppl_windows=8 --tasks=mqar --lengths=1024 --prompts=2 \
   --models="$O/layouts/distill_kl_8/ckpt.pt,$O/layouts/distill_kl_4/ckpt.pt,$O/layouts/distill_linear/ckpt.pt" \
   --speed=on --speed_lengths=1024,4096,16384,32768

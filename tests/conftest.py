@@ -83,3 +83,26 @@ def tiny_teacher(tmp_path_factory):
     n_vocab = write_tokenizer(str(d), make_text(200))
     write_tiny_llama(str(d), vocab_size=n_vocab)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def aligned(tiny_teacher, tiny_corpus, tmp_path_factory):
+    """out_dir with run "tiny": data, transfer and a 30-step align of the tiny teacher, made once for all modules.
+    Modules that write stage outputs use their own run_name (reading this run's align checkpoint and data) so that
+    they never see each other's files."""
+    import types
+
+    import align
+    import data
+    import transfer
+    out = str(tmp_path_factory.mktemp("out"))
+    common = dict(run_name="tiny", out_dir=out)
+    m_data = data.main(data.Config(data=tiny_corpus, teacher=tiny_teacher, **common))
+    m_transfer = transfer.main(transfer.Config(teacher=tiny_teacher, **common))
+    m_align = align.main(align.Config(steps=30, batch_size=4, seq_len=64, lr=3e-3, log_every=5, device="cpu",
+                                      valid_batches=2, **common))
+    run_dir = os.path.join(out, "tiny")
+    return types.SimpleNamespace(out=out, dir=run_dir, teacher=tiny_teacher, corpus=tiny_corpus, data=m_data,
+                                 transfer=m_transfer, align=m_align, data_dir=os.path.join(run_dir, "data"),
+                                 align_ckpt=os.path.join(run_dir, "align", "ckpt.pt"),
+                                 transfer_ckpt=os.path.join(run_dir, "transfer", "ckpt.pt"))

@@ -40,3 +40,100 @@ def test_inherit_fills_only_unset_fields(capsys):
     inherit(cfg, {"teacher": "smollm2", "steps": 3}, ["teacher", "steps"])
     assert cfg.teacher == "smollm2" and cfg.steps == 7
     assert "inherited teacher" in capsys.readouterr().out
+
+
+STAGES = ("data", "transfer", "align", "score", "select_layers", "distill", "finetune", "eval")
+
+
+def test_help_lists_every_key_with_its_default_and_comment(capsys):
+    import distill
+    with pytest.raises(SystemExit) as e:
+        parse_args(distill.Config, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "Stage 2: KL distillation" in out
+    assert "--lr_mixer=0.0001" in out and "lr of self_attn.* and input_layernorm (RADLADS step 2)" in out
+    assert all(f"--{f.name}=" in out for f in dataclasses.fields(distill.Config))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_flag_is_an_abbreviation_of_a_torchrun_option(stage):
+    """torchrun's parser reads every --x before the script's own flags end as a possible abbreviation of its
+    options: a flag --run=... stops it ("ambiguous option: --run could match --run-path, --run_path")."""
+    import importlib
+
+    from torch.distributed.run import get_args_parser
+    options = [s for a in get_args_parser()._actions for s in a.option_strings]
+    Config = importlib.import_module(stage).Config
+    for f in dataclasses.fields(Config):
+        clash = [o for o in options if o.startswith(f"--{f.name}") or o.startswith(f"--{f.name.replace('_', '-')}")]
+        assert not clash, f"{stage}.py --{f.name} would be read by torchrun as {clash}"
+    parser = get_args_parser()
+    args = parser.parse_args(["--standalone", "--nproc_per_node=2", f"{stage}.py"] +
+                             [f"--{f.name}=1" for f in dataclasses.fields(Config)])
+    assert args.training_script == f"{stage}.py" and len(args.training_script_args) == len(dataclasses.fields(Config))
+
+
+def test_one_writer_per_folder(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from common import lock_folder
+    folder = tmp_path / "run"
+    release = lock_folder(str(folder), "test")
+    # a second process is refused, with the owner's pid and what to do
+    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from common import lock_folder; "
+            f"lock_folder({str(folder)!r}, 'x')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0 and f"pid {os.getpid()}" in r.stderr and "kill" in r.stderr
+    release()
+    assert not (folder / ".lock").exists()
+    # a lock left by a process that is gone is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "what": "old"}))
+    lock_folder(str(folder), "test")()
+    # an output folder that cannot be made is found before any work
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="writable --out_dir"):
+        lock_folder(str(tmp_path / "file" / "run"), "test")
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    import os
+
+    from common import atomic_write, write_json
+    path = str(tmp_path / "x.json")
+    write_json(path, {"a": 1})
+
+    def broken(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_write(path, broken)
+    assert open(path).read().startswith("{") and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_meta_json_that_does_not_describe_the_checkpoint_is_not_believed(tmp_path):
+    """A kill between writing ckpt.pt and meta.json leaves meta.json one step behind: checkpoint_info sees it."""
+    import json
+
+    import torch
+
+    from model import ModelConfig, Transformer, checkpoint_info, save_checkpoint
+    m = Transformer(ModelConfig(arch="llama", vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, m, stage="a", config={}, parent=None, metrics={"step": 1}, tokenizer="")
+    meta = (tmp_path / "meta.json").read_text()
+    save_checkpoint(path, m, stage="a", config={}, parent=None, metrics={"step": 2}, tokenizer="")
+    assert checkpoint_info(path)["metrics"]["step"] == 2
+    (tmp_path / "meta.json").write_text(meta)           # as if the second meta.json never got written
+    assert json.loads(meta)["metrics"]["step"] == 1 and checkpoint_info(path)["metrics"]["step"] == 2
+    with torch.no_grad():
+        m.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not writing"):
+        save_checkpoint(path, m, stage="a", config={}, parent=None, metrics={"step": 3}, tokenizer="")
+    assert checkpoint_info(path)["metrics"]["step"] == 2

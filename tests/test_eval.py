@@ -122,7 +122,7 @@ def test_recall_accuracy_on_tiny_model(teacher, tok):
 
 def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
     out = str(tmp_path)
-    data.main(data.Config(run="tiny", out_dir=out, data=tiny_corpus, teacher=teacher))
+    data.main(data.Config(run_name="tiny", out_dir=out, data=tiny_corpus, teacher=teacher))
     # two hybrids of the random teacher saved as a run's distill stages (the default checkpoints eval finds)
     for folder, gla in (("distill", (1, 2, 3)), ("distill_uniform", (0, 2))):
         student = from_pretrained(teacher)
@@ -130,7 +130,7 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
             student.set_mixer(i, M.GLA(student.config), "gla")
         M.save_checkpoint(os.path.join(out, "tiny", folder, "ckpt.pt"), student, stage="distill",
                           config={"teacher": teacher}, parent=None, metrics={}, tokenizer=teacher)
-    cfg = ev.Config(run="tiny", out_dir=out, lengths="256,384", n=2, ppl_seq_len=64, ppl_windows=4, batch_size=2,
+    cfg = ev.Config(run_name="tiny", out_dir=out, lengths="256,384", prompts=2, ppl_seq_len=64, ppl_windows=4, batch_size=2,
                     speed="on", speed_lengths="32,64", speed_batch=2, decode_tokens=4, device="cpu")
     report = ev.main(cfg)
 

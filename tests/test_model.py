@@ -198,7 +198,8 @@ def test_checkpoint_roundtrip(tmp_path, tie):
                     parent="out/x/align/ckpt.pt", metrics={"kl": np.float64(0.25), "loss": torch.tensor(1.5)},
                     tokenizer="smollm2")
     raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"model", "model_config", "stage", "config", "parent", "metrics", "tokenizer", "format"}
+    assert set(raw) == {"model", "model_config", "stage", "config", "parent", "metrics", "tokenizer", "format",
+                        "teacher", "complete"} and raw["complete"] and raw["teacher"] is None
     assert not any("_orig_mod" in k for k in raw["model"]) and raw["metrics"] == {"kl": 0.25, "loss": 1.5}
     meta = json.loads((tmp_path / "run" / "distill" / "meta.json").read_text())
     assert meta["model_config"]["mixers"] == ["gla", "attn", "gla"] and meta["parent"] == "out/x/align/ckpt.pt"
