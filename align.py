@@ -210,10 +210,10 @@ def main(cfg):
         elif bool(ok):
             opt.step()
         opt.zero_grad(set_to_none=True)
-        history.append(losses)
+        history.append(all_mean(losses, d))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = min(cfg.log_every, step + 1 - start)
-            mean = all_mean(torch.stack(history[-n:]).mean(0), d).cpu()
+            mean = torch.stack(history[-n:]).mean(0).cpu()
             check_finite(float(mean.mean()), step + 1, last_ckpt, "a smaller --lr")
             worst = int(mean.argmax())
             log.log(step + 1, tokens=tokens_per_step * n, loss=float(mean.mean()),
@@ -225,7 +225,7 @@ def main(cfg):
 
     # ---- evaluate on held-out windows, save
     late = history[-tail:]
-    layer_losses = all_mean(torch.stack(late).mean(0), d).tolist() if late else None
+    layer_losses = torch.stack(late).mean(0).tolist() if late else None
     with torch.no_grad(), autocast(device):
         held_out = [torch.cat(micro_batches(valid, cfg, cfg.seed, i, d))[:, :-1] for i in range(cfg.valid_batches)]
         v = [all_mean(align_losses(teacher, aligner.mixers, idx), d).float().cpu() for idx in held_out]

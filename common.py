@@ -348,6 +348,25 @@ def distribute(model, d, shard=False):
                                    else None)
 
 
+def full_state(model, opt, d, shard):
+    """(model state dict, optimizer state dict) with whole tensors, for a checkpoint. Under FSDP2 every rank holds a
+    shard: all of them take part (a collective), rank 0 gets the whole tensors on the CPU."""
+    if not (shard and d.world > 1):
+        return model.state_dict(), opt.state_dict() if opt is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, opt, options=options) if opt is not None else None)
+
+
+def load_optimizer(opt, model, state, d, shard):
+    """Restore an optimizer state written by full_state (each rank takes its shard of it under FSDP2)."""
+    if not (shard and d.world > 1):
+        return opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
 def check_teacher(teacher_fp, info, source, allow):
     """Refuse a teacher other than the one the input checkpoint descends from (its weights' fingerprint), unless
     the user asks for it (allow): the same shapes would otherwise train silently against the wrong model."""
@@ -426,6 +445,31 @@ def check_finite(loss, step, last_ckpt, fix):
 
 # ------------------------------------------------------------------------------------------------------ chunked KL
 
+def _kl_rows(s_logits, t_logits, scale=None):
+    """KL(t || s) summed over these rows of logits [rows, V], in fp32; with `scale` also its gradient with respect
+    to s_logits times scale, in the logits' dtype. The elementwise half of the chunked KL: on the GPU compiled into a
+    few fused kernels (each [rows, V] block read and written about once instead of a dozen fp32 passes)."""
+    s_logp = F.log_softmax(s_logits.float(), dim=-1)
+    t_logp = F.log_softmax(t_logits.float(), dim=-1)
+    p = t_logp.exp()
+    kl = (p * (t_logp - s_logp)).sum()
+    if scale is None:
+        return kl, None
+    return kl, ((s_logp.exp() - p) * scale).to(s_logits.dtype)    # d (scale * KL) / d student logits
+
+
+_COMPILED = {}
+
+
+def _rows_fn(device):
+    """_kl_rows, compiled once per process on CUDA (fixed shapes: one graph per chunk size); eager on the CPU."""
+    if device.type != "cuda":
+        return _kl_rows
+    if "kl" not in _COMPILED:
+        _COMPILED["kl"] = torch.compile(_kl_rows, dynamic=False)
+    return _COMPILED["kl"]
+
+
 class _ChunkedKL(torch.autograd.Function):
     """Forward KL(t || s) per token, averaged over rows, with the gradient computed chunk by chunk in the forward."""
 
@@ -437,18 +481,17 @@ class _ChunkedKL(torch.autograd.Function):
         need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         d_hidden = torch.zeros_like(s_hidden) if need_grad else None
         d_weight = torch.zeros_like(s_weight, dtype=torch.float32) if need_grad and ctx.needs_input_grad[1] else None
+        rows = _rows_fn(s_hidden.device)
+        scale = torch.tensor(1.0 / n, device=s_hidden.device) if need_grad else None  # a tensor: no recompile per n
         for i in range(0, n, chunk):
             sh = s_hidden[i:i + chunk]
-            s_logp = F.log_softmax((sh @ s_weight.t()).float(), dim=-1)       # [rows, V]
-            t_logp = F.log_softmax((t_hidden[i:i + chunk] @ t_weight.t()).float(), dim=-1)
-            p = t_logp.exp()
-            total += (p * (t_logp - s_logp)).sum()
+            # under autocast the two head matmuls run in bf16, as the rest of the model
+            kl, g = rows(sh @ s_weight.t(), t_hidden[i:i + chunk] @ t_weight.t(), scale)   # g: [rows, V]
+            total += kl
             if need_grad:
-                g = (s_logp.exp() - p) / n                                     # d mean-KL / d student logits
-                del s_logp, t_logp, p
-                d_hidden[i:i + chunk] = (g.to(s_weight.dtype) @ s_weight).to(s_hidden.dtype)
+                d_hidden[i:i + chunk] = (g @ s_weight.to(g.dtype)).to(s_hidden.dtype)
                 if d_weight is not None:
-                    d_weight += g.t() @ sh.float()
+                    d_weight += g.t() @ sh.to(g.dtype)
         ctx.save_for_backward(d_hidden, d_weight)
         return total / n
 

@@ -47,7 +47,8 @@ import torch.nn as nn
 import data
 import model as M
 from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_teacher, distribute,
-                    fingerprint, inherit, init_dist, kl_div_chunked, lock_folder, parse_args, print_config)
+                    fingerprint, full_state, inherit, init_dist, kl_div_chunked, load_optimizer, lock_folder, parse_args,
+                    print_config)
 from teachers import from_pretrained
 
 
@@ -92,6 +93,8 @@ class Config:
             raise ValueError(f"--retie={self.retie!r}: choose embed, mean or head")
         if self.compile not in ("auto", "true", "false"):
             raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
+        if self.untie and self.shard:
+            raise ValueError("--untie=true with --shard=true is not supported: re-tying swaps parameters FSDP2 holds")
 
 
 # ------------------------------------------------------------------------------------------- shared with score.py
@@ -312,24 +315,25 @@ def main(cfg):
     print(f"hybrid mixers: {''.join('S' if m == 'attn' else '.' for m in student.config.mixers)} (S = softmax)")
     train, valid = open_data(cfg, run_dir)
     valid_batches = [torch.cat(micro_batches(valid, cfg, 1234, i, d)) for i in range(cfg.valid_batches)]
+    forward = compile_student(distribute(student, d, cfg.shard), cfg, device)  # FSDP2 swaps the parameters: first
     opt = make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay)
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(opt, student, state["optimizer"], d, cfg.shard)
         start = state["step"]
-    forward = compile_student(distribute(student, d, cfg.shard), cfg, device)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     banner("distill (Stage 2)", device, student, tokens_per_step, d)
     teacher_info = parent.get("teacher")
 
     def save(metrics, step=None):
         """The checkpoint (rank 0): mid-run with the optimizer state when step is given, else the final one."""
-        train_state = None if step is None else {"step": step, "optimizer": opt.state_dict(),
-                                                 "history": [float(k) for k in kls]}
+        weights, opt_state = full_state(student, opt if step is not None else None, d, cfg.shard)
         if d.main:
+            train_state = None if step is None else {"step": step, "optimizer": opt_state,
+                                                     "history": [float(k) for k in kls]}
             M.save_checkpoint(ckpt_path, student, stage="distill", config=asdict(cfg), parent=cfg.input,
                               metrics=metrics, tokenizer=parent["tokenizer"], teacher=teacher_info,
-                              train_state=train_state)
+                              train_state=train_state, state_dict=weights)
 
     # ---- train
     log = Logger(out_dir, cfg.steps, start, d.main)
@@ -339,10 +343,11 @@ def main(cfg):
         lr = set_lr(opt, step, cfg.warmup)
         batches = [(idx[:, :-1], teacher_hidden(teacher, idx[:, :-1], device))
                    for idx in micro_batches(train, cfg, cfg.seed, step, d)]
-        kls.append(stage2_step(forward, student, batches, teacher.lm_head.weight, opt, cfg.clip, device, cfg.chunk))
+        kl = stage2_step(forward, student, batches, teacher.lm_head.weight, opt, cfg.clip, device, cfg.chunk)
+        kls.append(all_mean(kl, d))               # over the ranks, on the device (NCCL: no wait for the host)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = min(cfg.log_every, step + 1 - start)
-            kl = all_mean(float(torch.stack(kls[-n:]).mean()), d)
+            kl = float(torch.stack(kls[-n:]).mean())
             check_finite(kl, step + 1, last_ckpt, "a smaller --lr_mixer / --lr_other")
             fields = {"kl": kl, "lr": lr}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
@@ -355,7 +360,7 @@ def main(cfg):
     # ---- evaluate, re-tie, save
     kls = [float(k) for k in kls]
     late = kls[-max(1, len(kls) // 10):]
-    metrics = {"kl": all_mean(sum(late) / len(late), d) if late else None, "kl_first": kls[0] if kls else None,
+    metrics = {"kl": sum(late) / len(late) if late else None, "kl_first": kls[0] if kls else None,
                "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step, "layers": layers}
     metrics["valid_kl"] = valid_kl(forward, student, teacher, valid_batches, device, d, cfg.chunk)
     if student.lm_head.weight is not student.model.embed_tokens.weight and tied:

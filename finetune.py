@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 
 import model as M
 from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_teacher, distribute,
-                    inherit, init_dist, kl_div_chunked, lock_folder, parse_args, print_config)
+                    full_state, inherit, init_dist, kl_div_chunked, load_optimizer, lock_folder, parse_args,
+                    print_config)
 from distill import (compile_student, load_teachers, micro_batches, open_data, set_lr, skip_nonfinite,
                      teacher_hidden)
 
@@ -155,23 +156,24 @@ def main(cfg):
     print(f"hybrid mixers: {''.join('S' if m == 'attn' else '.' for m in model.config.mixers)} (S = softmax)")
     train, valid = open_data(cfg, run_dir)
     valid_batches = [torch.cat(micro_batches(valid, cfg, 1234, i, d)) for i in range(cfg.valid_batches)]
+    forward = compile_student(distribute(model, d, cfg.shard), cfg, device)  # FSDP2 swaps the parameters: first
     opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}],
                             betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(opt, model, state["optimizer"], d, cfg.shard)
         start = state["step"]
-    forward = compile_student(distribute(model, d, cfg.shard), cfg, device)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     banner("finetune (Stage 3)", device, model, tokens_per_step, d)
 
     def save(metrics, step=None):
-        train_state = None if step is None else {"step": step, "optimizer": opt.state_dict(),
-                                                 "history": [h.tolist() for h in history]}
+        weights, opt_state = full_state(model, opt if step is not None else None, d, cfg.shard)
         if d.main:
+            train_state = None if step is None else {"step": step, "optimizer": opt_state,
+                                                     "history": [h.tolist() for h in history]}
             M.save_checkpoint(ckpt_path, model, stage="finetune", config=asdict(cfg), parent=cfg.input,
                               metrics=metrics, tokenizer=parent["tokenizer"], teacher=parent.get("teacher"),
-                              train_state=train_state)
+                              train_state=train_state, state_dict=weights)
 
     # ---- train
     log = Logger(out_dir, cfg.steps, start, d.main)
@@ -190,10 +192,10 @@ def main(cfg):
         total /= len(batches)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         skip_nonfinite(opt, total[0], norm)
-        history.append(total)
+        history.append(all_mean(total, d))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = min(cfg.log_every, step + 1 - start)
-            loss, ce, kl = (all_mean(float(v), d) for v in torch.stack(history[-n:]).mean(0))
+            loss, ce, kl = (float(v) for v in torch.stack(history[-n:]).mean(0))
             check_finite(loss, step + 1, last_ckpt, "a smaller --lr")
             fields = {"loss": loss, "ce": ce, **({"kl": kl} if cfg.kl_weight else {}), "lr": lr}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:

@@ -382,15 +382,16 @@ def _plain(obj, where):
 
 
 def save_checkpoint(path, model, *, stage: str, config: dict, parent: str | None, metrics: dict, tokenizer: str,
-                    teacher: dict | None = None, train_state: dict | None = None) -> None:
+                    teacher: dict | None = None, train_state: dict | None = None, state_dict=None) -> None:
     """Write the one checkpoint format (atomically) and meta.json beside it (everything but the tensors).
 
     teacher: {"source", "fingerprint"} of the teacher the weights descend from (stages refuse another one).
+    state_dict: the weights when the module does not hold them whole (FSDP2 shards: common.full_state).
     train_state: what --resume needs (optimizer state, step, settings) in a checkpoint written during training; the
     checkpoint is then marked complete = False, and a later stage that reads it says so. Weights that are not all
     finite are never written: the previous file stays, so the last checkpoint on disk is always a good one."""
     model = getattr(model, "_orig_mod", model)
-    state_dict = {k.replace("_orig_mod.", ""): v.detach() for k, v in model.state_dict().items()}
+    state_dict = {k.replace("_orig_mod.", ""): v.detach() for k, v in (state_dict or model.state_dict()).items()}
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise FloatingPointError(f"not writing {path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN "

@@ -1,0 +1,81 @@
+"""The stages under torchrun (2 processes, gloo on the CPU) against one process: the same global batches split over
+the ranks give the same model (DDP, and FSDP2 with --shard=true) up to reduction order; score.py splits its layers
+over the ranks and writes the same scores.json, and a rerun under torchrun skips what is finished; a bad setting on
+the ranks stops the run with one clear message."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--batch_size=4", "--seq_len=32", "--device=cpu", "--log_every=1"]
+
+
+def torchrun(script, *args, procs=2):
+    cmd = ([shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"])
+    cmd += ["--standalone", f"--nproc_per_node={procs}", script, *args] if procs > 1 else [script, *args]
+    if procs == 1:
+        cmd = [sys.executable, script, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def common(aligned):
+    return [f"--input={aligned.align_ckpt}", f"--data_dir={aligned.data_dir}"]
+
+
+def test_distill_on_two_processes_equals_one(aligned, common, tmp_path):
+    args = ["--layers=1", "--steps=4", "--valid_batches=1", "--save_every=2", f"--out_dir={tmp_path}", *FAST, *common]
+    runs = {}
+    for name, procs, extra in (("one", 1, []), ("ddp", 2, []), ("fsdp", 2, ["--shard=true"])):
+        r = torchrun("distill.py", f"--run_name={name}", *args, *extra, procs=procs)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[name] = weights(os.path.join(tmp_path, name, "distill", "ckpt.pt"))
+        if procs == 2:
+            assert "x 2 processes (torchrun)" in r.stdout and r.stdout.count("final |") == 1  # rank 0 alone logs
+    assert max_diff(runs["one"], runs["ddp"]) < 1e-6
+    assert max_diff(runs["one"], runs["fsdp"]) < 1e-6
+    logs = {n: [json.loads(x)["kl"] for x in open(os.path.join(tmp_path, n, "distill", "log.jsonl"))] for n in runs}
+    assert logs["one"] == pytest.approx(logs["ddp"], rel=1e-5) and logs["one"] == pytest.approx(logs["fsdp"], rel=1e-5)
+
+
+def test_align_on_two_processes_equals_one(aligned, tmp_path):
+    args = [f"--input={aligned.transfer_ckpt}", f"--data_dir={aligned.data_dir}", "--steps=3", "--valid_batches=1",
+            f"--out_dir={tmp_path}", *FAST]
+    for name, procs in (("one", 1), ("two", 2)):
+        r = torchrun("align.py", f"--run_name={name}", *args, procs=procs)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = (weights(os.path.join(tmp_path, n, "align", "ckpt.pt")) for n in ("one", "two"))
+    assert max_diff(a, b) < 1e-6
+
+
+def test_score_splits_layers_over_the_ranks(aligned, common, tmp_path):
+    args = ["--steps=4", "--eval_every=2", "--patience=0", "--batch_size=2", "--seq_len=32", "--device=cpu", *common]
+    for name, procs in (("one", 1), ("two", 2)):
+        r = torchrun("score.py", f"--run_name={name}", f"--out_dir={tmp_path}", *args, procs=procs)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = (json.load(open(os.path.join(tmp_path, n, "score", "scores.json"))) for n in ("one", "two"))
+    assert one["ranking"] == two["ranking"] and one["scores"] == pytest.approx(two["scores"], rel=1e-6)
+    again = torchrun("score.py", "--run_name=two", f"--out_dir={tmp_path}", *args)
+    assert again.returncode == 0 and "skipping 4 finished ones [0, 1, 2, 3]" in again.stdout
+
+
+def test_a_failure_on_the_ranks_stops_the_run_with_its_message(aligned, common, tmp_path):
+    r = torchrun("distill.py", "--run_name=bad", f"--out_dir={tmp_path}", "--layers=1", "--steps=2", "--batch_size=3",
+                 "--seq_len=32", "--device=cpu", *common)
+    assert r.returncode != 0 and "--batch_size=3 does not split over 2 processes" in r.stderr
