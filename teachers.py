@@ -134,7 +134,20 @@ def _unpermute(w, n_head):
 
 def _load_gguf(path, dtype, device):
     import gguf
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises bare ValueErrors ("GGUF magic invalid") and numpy errors on short files
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')") from e
+        raise ValueError(f"{path}: the GGUF file is truncated or damaged ({os.path.getsize(path):,} bytes; reading it "
+                         f"failed with {type(e).__name__}: {e}): an interrupted download or copy? Fetch it again") from e
+    size = os.path.getsize(path)
+    short = [t.name for t in reader.tensors if t.data_offset + t.n_bytes > size]
+    if short:
+        raise ValueError(f"{path}: the file is truncated ({size:,} bytes; tensor {short[0]} and {len(short) - 1} more "
+                         "end past its end): an interrupted download or copy? Fetch it again")
 
     def meta(key, default=KeyError):
         if key in reader.fields:

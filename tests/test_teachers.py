@@ -370,3 +370,17 @@ def test_tied_config_with_a_different_head(tmp_path):
               str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="ties lm_head to the embedding, but lm_head.weight differs"):
         from_pretrained(str(tmp_path))
+
+
+def test_truncated_and_foreign_gguf_files_are_named(tmp_path):
+    """An interrupted download and a file that is no GGUF: the message names the file and what is wrong with it."""
+    src = str(tmp_path / "ok.gguf")
+    write_gguf(src, hf_model("llama"), "llama")
+    raw = open(src, "rb").read()
+    for cut in (len(raw) // 2, len(raw) - 100):
+        (tmp_path / "cut.gguf").write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=r"cut.gguf: .*truncated.*Fetch it again"):
+            from_pretrained(str(tmp_path / "cut.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04" + raw[4:])
+    with pytest.raises(ValueError, match=r"junk.gguf: not a GGUF file \(it starts with b'PK"):
+        from_pretrained(str(tmp_path / "junk.gguf"))
