@@ -12,6 +12,7 @@ with the real header, so those tests run everywhere.
 
 import hashlib
 import os
+import re
 import subprocess
 import zipfile
 
@@ -24,7 +25,7 @@ import fetch_qwen as fq
 import teachers
 import tokenizer as T
 from model import generate
-from test_tokenizer import HARD, assert_corpus_matches
+from test_tokenizer import HARD, assert_corpus_matches, assert_self_reachable
 
 PROMPT = ('import numpy as np\n\n\ndef moving_average(xs, k=3):\n    """Mean of each window of k values."""\n'
           '    return np.convolve(xs, np.ones(k) / k, mode="valid")\n\n\nprint(moving_average([1, 2, 3, 4, 5]))\n')
@@ -191,6 +192,10 @@ def test_logits_match_transformers(ours, hf_logits, tok):
 
 def test_tokenizer_matches_transformers(tok, ref_tok):
     assert tok.n_vocab == len(ref_tok) == 151936
+    # The embedding's 271 rows past Qwen's 151,665 tokens are placeholders (GGUF token type 5, "unused").
+    pads = [s for s in ref_tok.get_vocab() if re.fullmatch(r"\[PAD\d+\]", s)]
+    assert len(pads) == 151936 - 151665 and tok.decode([151665]) == "[PAD151665]"
+    assert_self_reachable(ref_tok.backend_tokenizer, unused=pads)
     for text in CODE + HARD:
         ids = tok.encode(text)
         assert ids == ref_tok.encode(text, add_special_tokens=False), text

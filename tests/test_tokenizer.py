@@ -165,11 +165,12 @@ def trained(tmp_path_factory):
             for s in ["gpt2", "gpt2-permuted", "smollm2", "qwen2", "llama3"]}
 
 
-def assert_self_reachable(ref_tokenizer):
+def assert_self_reachable(ref_tokenizer, unused=()):
     """Every BPE token's own bytes must BPE back to that token under HF's merge rule. Then no other spelling x+y of a
     token can ever sit adjacent in HF's merge state, and tiktoken's rule (merge the cheapest adjacent pair whose
-    concatenation is a token) takes the same steps as HF's (merge the cheapest listed pair): ids equal on any text."""
-    added = {t.content for t in ref_tokenizer.get_added_tokens_decoder().values()}
+    concatenation is a token) takes the same steps as HF's (merge the cheapest listed pair): ids equal on any text.
+    `unused`: placeholder tokens that no merge makes and no text produces (Qwen's [PAD151665] ...)."""
+    added = {t.content for t in ref_tokenizer.get_added_tokens_decoder().values()} | set(unused)
     model = ref_tokenizer.model
     bad = [s for s in ref_tokenizer.get_vocab(with_added_tokens=False)
            if s not in added and len(s) > 1 and [t.value for t in model.tokenize(s)] != [s]]
@@ -281,6 +282,36 @@ def test_gguf_metadata(trained, tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.chat_format) == (1, 2, "chatml")
     for text in HARD + corpus_texts(50_000):
         assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+
+
+def test_gguf_metadata_reader(tmp_path):
+    """read_gguf_metadata gives what gguf-py's GGUFReader gives, for every value type GGUF has."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    w = GGUFWriter(str(tmp_path / "m.gguf"), "qwen2")
+    for k, add in enumerate([w.add_uint8, w.add_int8, w.add_uint16, w.add_int16, w.add_uint32, w.add_int32,
+                             w.add_uint64, w.add_int64]):
+        add(f"int.{k}", 7 + k)
+    w.add_float32("f32", 1e-6)
+    w.add_float64("f64", 1e-300)
+    w.add_bool("yes", True)
+    w.add_string("text", "<|im_start|>ça 你好 🙂")
+    w.add_array("strings", ["Ġthe", "", "Ċ", "日本"] * 1000)
+    w.add_array("ints", list(range(-5, 5)))
+    w.add_array("floats", [0.5, -2.25])
+    w.add_tensor("x", np.zeros((2, 3), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = T.read_gguf_metadata(str(tmp_path / "m.gguf"))
+    theirs = {k: f.contents() for k, f in GGUFReader(str(tmp_path / "m.gguf")).fields.items()
+              if not k.startswith("GGUF.")}
+    assert ours == theirs and ours["strings"][:4] == ["Ġthe", "", "Ċ", "日本"] and ours["int.7"] == 14
+    (tmp_path / "zip.gguf").write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(ValueError, match="zip.gguf: not a GGUF file"):
+        T.read_gguf_metadata(str(tmp_path / "zip.gguf"))
 
 
 def smollm2_gguf():
