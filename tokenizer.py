@@ -371,9 +371,9 @@ GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 
 
 def read_gguf_metadata(path):
     """The key-value metadata at the start of a GGUF file (v2/v3) as a dict of Python values. gguf.GGUFReader reads the
-    same, but makes a numpy view of every array element and takes ~12 s on Qwen's 151,936 tokens + 151,387 merges
-    (2-core CPU); this takes under a second. Layout: magic "GGUF", u32 version, u64 tensor count, u64 key count, then per key a
-    string (u64 length + UTF-8), a u32 type and the value (an array: u32 element type, u64 count, elements)."""
+    same, but makes a numpy view of every array element: ~12 s on Qwen's 151,936 tokens + 151,387 merges (2-core
+    CPU), where this takes under a second. Layout: magic "GGUF", u32 version, u64 tensor count, u64 key count, then
+    per key a string (u64 length + UTF-8), a u32 type and the value (an array: u32 element type, u64 count, items)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         magic, version, _, n_kv = struct.unpack_from("<4sIQQ", m, 0)
         if magic != b"GGUF" or version < 2:

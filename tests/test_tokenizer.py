@@ -76,7 +76,8 @@ def corpus_texts(n_chars):
 
 
 def corpus_documents():
-    """The documents of ../shared/corpus, train then valid: every CORPUS_STRIDE-th, or all with NANOHYBRID_FULL_CORPUS=1."""
+    """The documents of ../shared/corpus, train then valid: every CORPUS_STRIDE-th one, or all of them with
+    NANOHYBRID_FULL_CORPUS=1."""
     if not os.path.isdir(CORPUS_DIR):
         pytest.skip(f"no corpus at {os.path.normpath(CORPUS_DIR)} (the shared/ folder beside the repository)")
     docs = []
