@@ -58,7 +58,7 @@ class Config:
     save_every: int = 0             # mid-run checkpoint every N steps (0 = only at the end)
     resume: bool = False            # continue the mid-run checkpoint at --output (same settings)
     valid_batches: int = 4          # held-out batches measured at the end
-    compile: str = "auto"           # torch.compile the aligned forward: auto (on the GPU) | true | false
+    compile: str = "auto"           # torch.compile the per-layer step: auto (on the GPU) | true | false
     device: str = ""                # "" -> cuda if available else cpu
     seed: int = 0                   # data order: batch s is a function of (seed, s) only
 
@@ -74,34 +74,42 @@ def rms_distance(t, s):
     return (t.float() - s.float()).pow(2).sum(-1).sqrt().mean() / math.sqrt(t.shape[-1])
 
 
-def align_losses(teacher, mixers, idx):
-    """One teacher-forced pass: per-layer distance between the teacher's attention and the student's mixer -> [L]."""
-    layers = teacher.model.layers
+def align_layer(layer, mixer, h, cos, sin):
+    """One layer of the teacher-forced pass: (the stream after the layer, the layer's loss)."""
+    with torch.no_grad():
+        x = layer.input_layernorm(h)
+        t = layer.self_attn(x, cos, sin)
+    loss = rms_distance(t, mixer(x, cos, sin))
+    # teacher forcing: the teacher's attention output continues down the stream
+    with torch.no_grad():
+        h = h + t
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, loss
+
+
+def align_losses(teacher, mixers, idx, step=align_layer):
+    """One teacher-forced pass: per-layer distance between the teacher's attention and the student's mixer -> [L].
+    step: align_layer, or its compiled form (one graph serves every layer: parameters are its inputs)."""
     with torch.no_grad():
         h = teacher.model.embed_tokens(idx)
         cos, sin = teacher.rope(torch.arange(idx.shape[1], device=idx.device))
     losses = []
-    for layer, mixer in zip(layers, mixers):
-        with torch.no_grad():
-            x = layer.input_layernorm(h)
-            t = layer.self_attn(x, cos, sin)
-        losses.append(rms_distance(t, mixer(x, cos, sin)))
-        # teacher forcing: the teacher's attention output continues down the stream
-        with torch.no_grad():
-            h = h + t
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+    for layer, mixer in zip(teacher.model.layers, mixers):
+        h, loss = step(layer, mixer, h, cos, sin)
+        losses.append(loss)
     return torch.stack(losses)
 
 
 class Aligner(nn.Module):
     """The student's mixers as one module, so that DDP can wrap them: forward(teacher, idx) = align_losses."""
 
-    def __init__(self, mixers):
+    def __init__(self, mixers, compile=False):
         super().__init__()
         self.mixers = nn.ModuleList(mixers)
+        self.step = torch.compile(align_layer) if compile else align_layer
 
     def forward(self, teacher, idx):
-        return align_losses(teacher, self.mixers, idx)
+        return align_losses(teacher, self.mixers, idx, self.step)
 
 
 def lr_at(step, cfg):
@@ -163,7 +171,8 @@ def main(cfg):
 
     # Only the mixers train; the teacher's modules carry the stream, so the student's other modules sit unused.
     student.requires_grad_(False)
-    aligner = Aligner([layer.self_attn for layer in student.model.layers]).requires_grad_(True)
+    compiled = cfg.compile == "true" or (cfg.compile == "auto" and cuda)
+    aligner = Aligner([layer.self_attn for layer in student.model.layers], compiled).requires_grad_(True)
     params = list(aligner.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=cuda)
     start = 0
@@ -171,8 +180,6 @@ def main(cfg):
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     forward = distribute(aligner, d)
-    if cfg.compile == "true" or (cfg.compile == "auto" and cuda):
-        forward = torch.compile(forward)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     banner("align (Stage 1)", device, student, tokens_per_step, d)
     print(f"   training {sum(p.numel() for p in params) / 1e6:.2f}M mixer parameters in {n_layers} layers")
@@ -228,7 +235,8 @@ def main(cfg):
     layer_losses = torch.stack(late).mean(0).tolist() if late else None
     with torch.no_grad(), autocast(device):
         held_out = [torch.cat(micro_batches(valid, cfg, cfg.seed, i, d))[:, :-1] for i in range(cfg.valid_batches)]
-        v = [all_mean(align_losses(teacher, aligner.mixers, idx), d).float().cpu() for idx in held_out]
+        v = [all_mean(align_losses(teacher, aligner.mixers, idx, aligner.step), d).float().cpu()
+             for idx in held_out]
     metrics = {"loss": sum(layer_losses) / n_layers if layer_losses else None, "layer_losses": layer_losses,
                "valid_loss": float(torch.stack(v).mean()) if v else None,
                "valid_layer_losses": torch.stack(v).mean(0).tolist() if v else None,

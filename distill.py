@@ -19,8 +19,8 @@ RADLADS does; `mean` averages the two, `head` keeps the head), reporting the hel
 re-tying; checkpoints written during training keep the untied head.
 
 Speed (one GPU): the frozen teacher runs in bf16 weights under inference mode, its final hidden states computed once
-per batch; the student keeps fp32 weights under bf16 autocast (updates of 7e-6 need fp32), compiled by default on
-the GPU (the GLA kernel stays opaque to the compiler); fused AdamW; the host reads the loss only at log steps (a
+per batch; the student keeps fp32 weights under bf16 autocast (updates of 7e-6 need fp32), its blocks compiled by
+default on the GPU (the GLA kernel stays opaque to the compiler); fused AdamW; the host reads the loss only at log steps (a
 non-finite step is skipped on the GPU itself, see skip_nonfinite). Under torchrun every rank takes its rows of each
 global batch (DDP; --shard=true for FSDP2), and --micro_batch splits a rank's rows into several forwards.
 
@@ -80,7 +80,7 @@ class Config:
     log_every: int = 10           # print and log every N steps (the host waits for the GPU only then)
     save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings), or say it is finished
-    compile: str = "auto"         # torch.compile the student: auto (on the GPU) | true | false
+    compile: str = "auto"         # torch.compile the student's blocks: auto (on the GPU) | true | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP (students that do not fit one GPU)
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order: batch s is a function of (seed, s) only
@@ -263,11 +263,15 @@ def retie(model, how):
     model.config.tie_word_embeddings = True
 
 
-def compile_student(student, cfg, device):
-    """torch.compile of the student's forward where it pays (the GPU, or --compile=true); the GLA kernel stays
-    outside the graph (kernels.chunk_gla is torch.compiler.disable'd)."""
-    on = cfg.compile == "true" or (cfg.compile == "auto" and str(device).startswith("cuda"))
-    return torch.compile(student) if on else student
+def compile_blocks(model, cfg, device):
+    """torch.compile of every block where it pays (the GPU, or --compile=true), in place. Block by block, not the
+    whole model: blocks of one kind share their compiled code (parameters are graph inputs), so the probes of
+    score.py, each a model of its own, compile once instead of once per probe. The GLA kernel stays outside the
+    graphs (kernels.chunk_gla is torch.compiler.disable'd). Returns the model."""
+    if cfg.compile == "true" or (cfg.compile == "auto" and str(device).startswith("cuda")):
+        for block in model.model.layers:
+            block.compile()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -315,7 +319,7 @@ def main(cfg):
     print(f"hybrid mixers: {''.join('S' if m == 'attn' else '.' for m in student.config.mixers)} (S = softmax)")
     train, valid = open_data(cfg, run_dir)
     valid_batches = [torch.cat(micro_batches(valid, cfg, 1234, i, d)) for i in range(cfg.valid_batches)]
-    forward = compile_student(distribute(student, d, cfg.shard), cfg, device)  # FSDP2 swaps the parameters: first
+    forward = distribute(compile_blocks(student, cfg, device), d, cfg.shard)  # FSDP2 swaps the parameters: first
     opt = make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay)
     start = 0
     if state:

@@ -34,7 +34,7 @@ import model as M
 from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_teacher, distribute,
                     full_state, inherit, init_dist, kl_div_chunked, load_optimizer, lock_folder, parse_args,
                     print_config)
-from distill import (compile_student, load_teachers, micro_batches, open_data, set_lr, skip_nonfinite,
+from distill import (compile_blocks, load_teachers, micro_batches, open_data, set_lr, skip_nonfinite,
                      teacher_hidden)
 
 
@@ -62,7 +62,7 @@ class Config:
     log_every: int = 10           # print and log every N steps
     save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings)
-    compile: str = "auto"         # torch.compile the model: auto (on the GPU) | true | false
+    compile: str = "auto"         # torch.compile the blocks: auto (on the GPU) | true | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 1                 # data order (1: other windows than Stage 2's seed 0)
@@ -156,7 +156,7 @@ def main(cfg):
     print(f"hybrid mixers: {''.join('S' if m == 'attn' else '.' for m in model.config.mixers)} (S = softmax)")
     train, valid = open_data(cfg, run_dir)
     valid_batches = [torch.cat(micro_batches(valid, cfg, 1234, i, d)) for i in range(cfg.valid_batches)]
-    forward = compile_student(distribute(model, d, cfg.shard), cfg, device)  # FSDP2 swaps the parameters: first
+    forward = distribute(compile_blocks(model, cfg, device), d, cfg.shard)  # FSDP2 swaps the parameters: first
     opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}],
                             betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     start = 0

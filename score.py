@@ -41,8 +41,8 @@ import torch
 import model as M
 from common import (Dist, Logger, banner, check_finite, check_positive, check_teacher, fingerprint, inherit,
                     init_dist, lock_folder, parse_args, parse_budget, print_config, write_json)
-from distill import load_teachers, make_hybrid, make_optimizer, micro_batches, open_data, set_lr, stage2_step, \
-    teacher_hidden
+from distill import (compile_blocks, load_teachers, make_hybrid, make_optimizer, micro_batches, open_data, set_lr,
+                     stage2_step, teacher_hidden)
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Config:
     clip: float = 1.0             # gradient-norm clip
     chunk: int = 4096             # rows per KL chunk
     max_probes: int = 0           # probes trained together per process (0 = as many as memory holds)
+    compile: str = "auto"         # torch.compile the probes' blocks (compiled once for all): auto (GPU) | true | false
     offload: str = "auto"         # park probes in CPU memory between turns: auto | true | false
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order
@@ -78,6 +79,8 @@ class Config:
                        "max_probes", "warmup", allow_zero=("micro_batch", "patience", "max_probes", "warmup"))
         if not 0 < self.late_frac <= 1:
             raise ValueError(f"--late_frac={self.late_frac}: a fraction in (0, 1]")
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
         if self.offload not in ("auto", "true", "false"):
             raise ValueError(f"--offload={self.offload!r}: choose auto, true or false")
 
@@ -245,7 +248,7 @@ def main(cfg):
         probes, home = {}, {}
         for i, l in enumerate(group):
             home[l] = device if i < resident else "cpu"
-            student = make_hybrid(copy.deepcopy(base), teacher32, [l]).to(home[l])
+            student = compile_blocks(make_hybrid(copy.deepcopy(base), teacher32, [l]).to(home[l]), cfg, device)
             probes[l] = (student, make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay))
         curves, secs = {l: [] for l in group}, {l: 0.0 for l in group}
         # Early stopping needs every layer in the ranking: finished layers count with their curve cut to this step.

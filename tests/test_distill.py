@@ -213,3 +213,13 @@ def test_zero_sizes_are_refused_when_parsed(flag):
     from common import parse_args
     with pytest.raises(SystemExit, match=f"--{flag}=0: must be a positive integer"):
         parse_args(distill.Config, [f"--{flag}=0"])
+
+
+def test_a_copied_run_reads_its_own_data(aligned, tmp_path, capsys):
+    """A run folder copied elsewhere reads the copy's token files, not the original's (data_dir "" = the run's own
+    data folder, resolved where the run is now), and says which data it reads."""
+    import shutil
+    copy = tmp_path / "moved"
+    shutil.copytree(aligned.dir, copy / "tiny", ignore=shutil.ignore_patterns(".lock"))
+    distill.main(distill.Config(run_name="tiny", out_dir=str(copy), layers="1", steps=1, valid_batches=1, **FAST))
+    assert f"data: {copy / 'tiny' / 'data'} (" in capsys.readouterr().out

@@ -1,0 +1,197 @@
+"""
+Training throughput of the stages on one GPU: tokens/s, model FLOPs/s, MFU, peak memory and ms per step of align, a
+score probe, distill and finetune, at the gpu preset's shapes and at the paper's 4096-token sequences. One table.
+
+It runs the stages themselves (`python <stage>.py ...` in a checkout, as a user would) for a few dozen steps and
+reads their log.jsonl: the ms of each logged interval over the steps it covers, the median over the intervals after
+the first few (compilation and warm-up out of the numbers). So the same command measures an older checkout too
+(--repo=path: the "before" of a change; peak memory is n/a where its logs lack it).
+
+Model FLOPs per token (counted from the config, the usual 2 x weights per matmul; backward = 2 x forward):
+    forward  F(model, T) = 2 x (matmul weights of the blocks) + 2 x D x V (head, where logits are made)
+                           + per softmax layer 2 x T x H x K (causal QK^T and AV, half the T x T square each)
+                           + per GLA layer 2 x H x (2 x K x V + 64 x (K + V)) (state in and out, the 64-row chunk)
+    align    teacher F (no head) + 3 x the mixers' share of F (they alone train; the teacher's stream is given)
+    probe    3 x F(hybrid) + F(teacher) / probes (one teacher forward serves every probe of a round)
+    distill  3 x F(hybrid) + F(teacher)          finetune  3 x F(hybrid) + F(teacher) (--kl_weight=0.5)
+MFU = model FLOPs/s over the dense bf16 matmul rate measured here (an 8192^3 product, median of do_bench).
+
+    python bench_train.py --data_dir=out/smollm2/data                      # this checkout, every stage and shape
+    python bench_train.py --data_dir=out/smollm2/data --repo=../old --json=before.json
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import parse_args
+
+# (stage, shape name) -> flags: the gpu preset of run.sh, then the paper's 4096-token sequences
+SHAPES = {
+    ("align", "preset"): "--batch_size=32 --seq_len=512",
+    ("align", "4096"): "--batch_size=4 --seq_len=4096",
+    ("probe", "preset"): "--batch_size=8 --seq_len=1024",
+    ("probe", "4096"): "--batch_size=8 --seq_len=4096",
+    ("distill", "preset"): "--batch_size=16 --seq_len=1024",
+    ("distill", "4096"): "--batch_size=8 --seq_len=4096",
+    ("finetune", "preset"): "--batch_size=8 --seq_len=2048 --kl_weight=0.5",
+    ("finetune", "4096"): "--batch_size=8 --seq_len=4096 --kl_weight=0.5",
+}
+LAYERS = "0,1,2,17,18,20,23,24"  # the softmax layers of the run.sh hybrid (kl, 25% of SmolLM2)
+
+
+@dataclass
+class Config:
+    data_dir: str = ""              # token files of data.py (required)
+    teacher: str = ""               # teacher source; "" = the default SmolLM2-135M-Instruct
+    repo: str = "."                 # the checkout whose stages run (another one measures the "before")
+    out_dir: str = "out_bench"      # where the runs write (inside --repo)
+    stages: str = "align,probe,distill,finetune"  # which stages
+    shapes: str = "preset,4096"     # which shapes (keys of SHAPES)
+    steps: int = 40                 # steps per run (distill: the loss curve is logged at every step)
+    probes: int = 4                 # probes of the score run
+    extra: str = ""                 # flags added to every training stage, e.g. "--compile=false"
+    json: str = ""                  # also write the rows here
+
+
+def sh(repo, script, flags, log):
+    """Run one stage in `repo`; its output appended to `log`; a failure ends the benchmark with the log's tail."""
+    cmd = [sys.executable, script] + flags.split()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        r = subprocess.run(cmd, cwd=repo, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f"{script} failed in {repo}: see {log}\n" + open(log).read()[-3000:])
+
+
+def per_step(log_path, skip):
+    """(median ms per step, peak GB or None, the kl curve) from a stage's log.jsonl: each record covers the steps
+    since the previous one; records whose interval starts before step `skip` (compilation, warm-up) are left out."""
+    rows = [json.loads(line) for line in open(log_path)]
+    ms, prev = [], 0
+    for r in rows:
+        n = r["step"] - prev
+        if prev >= skip and n > 0:
+            ms.append(r["ms"] / n)
+        prev = r["step"]
+    mem = max((r["mem_gb"] for r in rows if "mem_gb" in r), default=None)
+    return (statistics.median(ms) if ms else None), mem, [r.get("kl") for r in rows]
+
+
+def flops(model, T, head=True, only_mixers=False):
+    """Forward model FLOPs per token (see the docstring)."""
+    c = model.config
+    total = 0.0
+    for layer, kind in zip(model.model.layers, c.mixers):
+        mix = sum(p.numel() for n, p in layer.self_attn.named_parameters() if p.dim() == 2)
+        mix_f = 2 * mix + (2 * T * c.num_attention_heads * c.head_dim if kind == "attn" else
+                           2 * c.num_attention_heads * (2 * c.head_dim ** 2 + 64 * 2 * c.head_dim))
+        total += mix_f if only_mixers else mix_f + 2 * sum(p.numel() for p in layer.mlp.parameters())
+    return total + (2 * c.hidden_size * c.vocab_size if head else 0)
+
+
+def matmul_rate():
+    """Dense bf16 matmul FLOP/s of this GPU (None on the CPU: no MFU there)."""
+    if not torch.cuda.is_available():
+        return None
+    from triton.testing import do_bench
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192 ** 3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3)
+
+
+def main(cfg):
+    import distill
+    from model import load_checkpoint
+    from teachers import from_pretrained
+    if not cfg.data_dir:
+        raise SystemExit("--data_dir: the token folder of data.py is required")
+    repo, data_dir = os.path.abspath(cfg.repo), os.path.abspath(cfg.data_dir)
+    old = "run_name" not in open(os.path.join(repo, "distill.py")).read()   # before --run was renamed
+    name = lambda run: f"--run={run}" if old else f"--run_name={run}"  # noqa: E731
+    log = os.path.abspath(f"bench_{os.path.basename(repo.rstrip('/'))}.log")
+    out = os.path.join(repo, cfg.out_dir)
+    common = f"--out_dir={out} --data_dir={data_dir} {cfg.extra}"
+    peak = matmul_rate()
+    device = torch.cuda.get_device_name() if peak else "CPU (no MFU)"
+    print(f"{device} | torch {torch.__version__} | bf16 matmul {(peak or 0) / 1e12:.0f} TFLOP/s | repo {repo} | "
+          f"log {log}", flush=True)
+
+    # ---- the runs: transfer once, then each stage at each shape (finetune reads the distill of its shape)
+    sh(repo, "transfer.py", f"{name('bench')} --out_dir={out} --teacher={cfg.teacher}", log)
+    transfer = os.path.join(out, "bench", "transfer", "ckpt.pt")
+    student = load_checkpoint(transfer)[0]
+    teacher = from_pretrained(cfg.teacher)
+    hybrid = distill.make_hybrid(load_checkpoint(transfer)[0], teacher, [int(x) for x in LAYERS.split(",")])
+    probe_model = distill.make_hybrid(load_checkpoint(transfer)[0], teacher, [0])
+    skip = max(5, cfg.steps // 4)
+    rows = []
+    for shape in cfg.shapes.split(","):
+        run = f"bench_{shape}"
+        for stage in cfg.stages.split(","):
+            flags = SHAPES[(stage, shape)]
+            T = int(flags.split("--seq_len=")[1].split()[0])
+            B = int(flags.split("--batch_size=")[1].split()[0])
+            t0 = time.time()
+            if stage == "align":
+                sh(repo, "align.py", f"{name(run)} {common} --input={transfer} --steps={cfg.steps} --log_every=1 "
+                   f"{flags}", log)
+                path = os.path.join(out, run, "align", "log.jsonl")
+                fl = flops(teacher, T, head=False) + 3 * flops(student, T, head=False, only_mixers=True)
+                tok_step = B * T
+            elif stage == "probe":
+                layers = ",".join(str(i) for i in range(cfg.probes))
+                sh(repo, "score.py", f"{name(run)} {common} --input={transfer} --layers={layers} "
+                   f"--steps={cfg.steps} --eval_every={max(1, cfg.steps // 8)} --patience=0 {flags}", log)
+                path = os.path.join(out, run, "score", "log.jsonl")
+                fl = 3 * flops(probe_model, T) + flops(teacher, T) / cfg.probes
+                tok_step = B * T * cfg.probes   # one logged "step" is a round: every probe's steps
+            elif stage == "distill":
+                sh(repo, "distill.py", f"{name(run)} {common} --input={transfer} --layers={LAYERS} "
+                   f"--steps={cfg.steps} --warmup=0 --weight_decay=0 --valid_batches=1 --save_every=0 "
+                   + ("" if old else "--log_every=1 ") + flags, log)
+                path = os.path.join(out, run, "distill", "log.jsonl")
+                fl = 3 * flops(hybrid, T) + flops(teacher, T)
+                tok_step = B * T
+            else:
+                sh(repo, "finetune.py", f"{name(run)} {common} --steps={cfg.steps} --valid_batches=1 --save_every=0 "
+                   + ("" if old else "--log_every=1 ") + flags, log)
+                path = os.path.join(out, run, "finetune", "log.jsonl")
+                fl = 3 * flops(hybrid, T) + flops(teacher, T)
+                tok_step = B * T
+            ms, mem, curve = per_step(path, skip if stage != "probe" else 1)
+            if stage == "probe":   # a round's ms covers eval_every steps of every probe
+                ms = ms / cfg.probes if ms else None
+                tok_step = B * T
+            tok_s = tok_step / (ms / 1e3) if ms else None
+            row = dict(stage=stage, shape=shape, batch=B, seq_len=T, ms_step=ms, tok_s=tok_s, gflop_token=fl / 1e9,
+                       tflops=tok_s * fl / 1e12 if tok_s else None, mfu=tok_s * fl / peak if tok_s and peak else None,
+                       peak_gb=mem, wall_s=round(time.time() - t0, 1), kl_curve=curve if stage == "distill" else None)
+            rows.append(row)
+            print(f"  {stage:8} {shape:6} B={B:<3} T={T:<5} {ms or float('nan'):8.1f} ms/step "
+                  f"{(tok_s or 0) / 1e3:8.1f}k tok/s {row['tflops'] or 0:6.1f} TFLOP/s MFU {100 * (row['mfu'] or 0):5.1f}% "
+                  f"peak {mem if mem is not None else 'n/a'} GB ({row['wall_s']} s)", flush=True)
+
+    # ---- the table
+    print("\n| stage | shape (B x T) | ms/step | tokens/s | GFLOP/token | TFLOP/s | MFU | peak GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        print(f"| {r['stage']} | {r['batch']} x {r['seq_len']} | {fmt(r['ms_step'], '.1f')} | "
+              f"{fmt(r['tok_s'] and r['tok_s'] / 1e3, '.0f')}k | {r['gflop_token']:.2f} | {fmt(r['tflops'], '.0f')} | "
+              f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {fmt(r['peak_gb'], '.1f')} |")
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(dict(device=device, torch=torch.__version__, matmul_tflops=peak and peak / 1e12,
+                           repo=repo, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))
