@@ -143,6 +143,9 @@ def main(cfg):
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{dtype}", flush=True)
     t0 = time.time()
+    if cuda:  # CUPTI before any graph is recorded (eval.kernels_per_step profiles recorded steps)
+        from torch.profiler._utils import _init_for_cuda_graphs
+        _init_for_cuda_graphs()
     teacher = from_pretrained(cfg.teacher, dtype=dtype, device=device).eval()
     tok = load_tokenizer(cfg.teacher)
     lengths = sorted(int(x) for x in cfg.lengths.split(","))

@@ -143,6 +143,10 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused")):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     head = model.lm_head.weight
     bw = copy_bandwidth(device) if cuda else None
+    if cuda:
+        # CUPTI loaded before any graph is recorded: a profiler first started after recording breaks the graphs
+        from torch.profiler._utils import _init_for_cuda_graphs
+        _init_for_cuda_graphs()
     warm = 2  # untimed decoding steps: on the GPU the first warms up, the second records the CUDA graph
 
     def fork(cache, B):

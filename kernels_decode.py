@@ -60,7 +60,7 @@ from kernels import INTERPRET, _cast, _dot
 
 BN = 64  # keys per block of the attention loop
 MAX_SPLITS = 64  # most splits of one attention row: the combine kernel holds them all in registers
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtypes passed to kernels by name
 LOG2E = 1.4426950408889634
 
 
@@ -138,6 +138,16 @@ def _rnd(x, dt):
     """x (fp32) rounded to dt and back: where the eager model keeps an intermediate in dt, so does the kernel."""
     if dt != tl.float32:
         x = _cast(x, dt).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rnd_to(x, NAME: tl.constexpr):
+    """_rnd to a dtype given by name ("fp32", "bf16", "fp16"): dtypes that no tensor of the kernel carries."""
+    if NAME == "bf16":
+        x = _rnd(x, tl.bfloat16)
+    elif NAME == "fp16":
+        x = _rnd(x, tl.float16)
     return x
 
 
@@ -281,9 +291,9 @@ def _gla_decode_kernel(proj, gw, gb, state, nw, out, eps, scale, H, R, NP, K: tl
     msk = mc[:, None] & mc[None, :]
     S = tl.exp(g)[:, None] * tl.load(sp, mask=msk, other=0.) + k[:, None] * v[None, :]  # [BK, BV]
     tl.store(sp, S, mask=msk)
-    o = _rnd(_rnd(scale * tl.sum(q[:, None] * S, axis=0), DT), XDT)  # [BV]
-    o = _rnd(o * tl.rsqrt(tl.sum(o * o, axis=0) / K + eps), XDT)
-    o = _rnd(o * tl.load(nw + c, mask=mc, other=0.).to(tl.float32), NDT)
+    o = _rnd_to(_rnd(scale * tl.sum(q[:, None] * S, axis=0), DT), XDT)  # [BV]
+    o = _rnd_to(o * tl.rsqrt(tl.sum(o * o, axis=0) / K + eps), XDT)
+    o = _rnd_to(o * tl.load(nw + c, mask=mc, other=0.).to(tl.float32), NDT)
     o = o * _rnd(gate * tl.sigmoid(gate), DT)
     tl.store(out + b * H * K + h * K + c, _cast(o, out.dtype.element_ty), mask=mc)
 
@@ -362,7 +372,7 @@ def _gla_decode_triton(proj, gk_weight, gk_bias, state, norm_weight, norm_eps, s
     ndt = torch.promote_types(x_dtype, norm_weight.dtype)
     out = torch.empty(B, HK, dtype=torch.promote_types(ndt, proj.dtype), device=proj.device)
     _gla_decode_kernel[(B, H)](proj, gk_weight, gk_bias, state, norm_weight, out, norm_eps, scale, H, R,
-                               proj.stride(0), K=K, BK=_p2(K), BR=_p2(R), XDT=_TL[x_dtype], NDT=_TL[ndt],
+                               proj.stride(0), K=K, BK=_p2(K), BR=_p2(R), XDT=_NAME[x_dtype], NDT=_NAME[ndt],
                                num_warps=4)
     return out
 

@@ -177,7 +177,7 @@ def test_fused_step_equals_eager_step(name):
     idx = tokens(2, 9)
     out = decode_both(m, idx, 6)
     (le, ce), (lf, cf) = out["eager"], out["fused"]
-    assert (le - lf).abs().max() < 1e-5
+    assert (le - lf).abs().max() <= 1e-5 * le.abs().max()  # 0 with the references; ~1e-6 with Triton (interpreted)
     assert_caches_equal(ce, cf, 1e-5)
     assert torch.equal(generate(m, idx, 8, decode="eager"), generate(m, idx, 8, decode="fused"))
 
