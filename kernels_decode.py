@@ -29,9 +29,9 @@ same arithmetic in fewer, fused kernels (B rows; D model width; H, Hkv heads; K 
 The matmuls stay cuBLAS: at B <= 8 they are matrix-vector products that cuBLAS already runs at memory speed.
 
 Every kernel reproduces the eager model's roundings: where the eager model stores an intermediate in bf16 (a matmul
-output, x * cos, silu(gate), ...), the kernel rounds to bf16 at the same place (_rnd), so that bf16 decoding gives the
-same tokens; the differences left are summation orders, and the attention scores, which the eager step rounds to bf16
-and the kernel keeps in fp32. Each op has a PyTorch reference (*_ref) written as the eager model computes it; on CPU
+output such as the attention scores, x * cos, silu(gate), ...), the kernel rounds to bf16 at the same place (_rnd), so
+that bf16 decoding gives the same tokens; the differences left are summation orders, and where flash-decoding rounds
+the attention probabilities (before normalising, per block, where the eager step rounds them after). Each op has a PyTorch reference (*_ref) written as the eager model computes it; on CPU
 tensors the references run (fast), unless TRITON_INTERPRET=1 was set before triton was imported: then the Triton
 kernels run in the interpreter, which is how the tests check them. Each op is also a torch.library custom op, so
 torch.compile of the step (decoder(compile=True)) sees it as one opaque call and keeps its in-place cache writes.
@@ -232,7 +232,9 @@ def _attend_kernel(q, kc, vc, pos, y, ms, ls, accs, scale, L, H, HKV, NS, SPLIT,
         mn = n < stop
         kv = base + n[:, None] * K + d[None, :]
         kt = tl.load(kc + kv, mask=mn[:, None] & md[None, :], other=0.)  # [BN, BK]
-        s = tl.where(mn[None, :], _dot(qt, tl.trans(kt), PREC) * (scale * 1.4426950408889634), float("-inf"))
+        # the scores rounded to the queries' dtype, as the eager step's q @ k^T leaves them (bf16 in bf16 decoding)
+        s = _rnd(_dot(qt, tl.trans(kt), PREC), q.dtype.element_ty) * (scale * 1.4426950408889634)
+        s = tl.where(mn[None, :], s, float("-inf"))
         mx_new = tl.maximum(mx, tl.max(s, axis=1))  # finite: every block has a key <= pos
         alpha = tl.exp2(mx - mx_new)
         p = tl.exp2(s - mx_new[:, None])  # [GP, BN]

@@ -132,7 +132,7 @@ def test_triton_attend_splits(act, wdt, tol):
     q = (2 * torch.randn(B, H, K, generator=gen)).to(act).to(DEV)
     for p, split in ((0, 8), (64, 64), (149, 16), (100, 0)):
         pos = torch.tensor(p, device=DEV)
-        # attend_ref rounds the scores to the queries' dtype, as the eager step does; the kernel keeps them fp32
+        # bf16: flash-decoding rounds the probabilities before normalising them, the eager step (attend_ref) after
         close(kd._attend_triton(q, kc, vc, pos, K ** -0.5, split), kd.attend_ref(q, kc, vc, pos, K ** -0.5),
               max(tol, 1e-6 if act == torch.float32 else 2e-2))
 
