@@ -10,9 +10,10 @@ gates). For each layout:
             graphs, bf16 weights): the tokens must be equal; and the logits of both steps fed the same tokens
             (max |fused - eager|, and relative to the logits' max). Where tokens differ, the eager step's top-2
             margin at that step says whether it was a near-tie.
-    speed   eval.bench with modes eager and fused: ms per step, the floor (bytes the step must move over the copy
-            bandwidth measured in the same run) and the kernels per step (profiler trace of one step), at B = 1
-            and --batch, every length of --lengths.
+    speed   eval.bench with modes eager (the step before issue 16), fused-cublas (fused kernels, cuBLAS matmuls) and
+            fused (the default: norms and SwiGLU inside matrix-vector kernels): ms per step, the floor (bytes the
+            step must move over the copy bandwidth measured in the same run) and the kernels per step (profiler
+            trace of one step), at B = 1 and --batch, every length of --lengths.
 
 Then one table of everything and the ratios the issue asks for (B=1 ms per step at the shortest length; at --batch,
 each hybrid's fused step against the teacher's fused step). --compile=true adds "fused+compile" (torch.compile of
@@ -21,7 +22,8 @@ the fused step inside the recorded graph) at the shortest length, B = 1, for the
 
 Writes --out (JSON: settings, checks, speed rows per layout).
 
-    python bench_decode.py --device=cpu --layouts="teacher:all;linear:none" --lengths=64 --batch=2 --decode_tokens=4 --check_tokens=4
+    python bench_decode.py --device=cpu --layouts="teacher:all;linear:none" --lengths=64 --batch=2 \
+        --decode_tokens=4 --check_tokens=4
     python bench_decode.py                                   # one H200: ~3 minutes
 """
 
@@ -100,21 +102,23 @@ def check(model, prompt, n):
 
 def table(results, batches, lengths):
     """Markdown: per layout, batch and length the ms per step of each mode, the floor, the kernels; then ratios."""
-    lines = ["| model | B | T | eager ms | fused ms | floor ms | fused / floor | kernels eager / fused | fused tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    modes = ("eager", "fused-cublas", "fused")
+    lines = ["| model | B | T | " + " | ".join(f"{m} ms" for m in modes) + " | floor ms | fused / floor | kernels "
+             + " / ".join(modes) + " | fused tok/s |", "|---|---|---|" + "---|" * (len(modes) + 4)]
     rows = {}
     for name, res in results.items():
         for r in res["speed"]:
             if r["status"] != "ok":
-                lines.append(f"| {name} | {r['batch']} | {r['length']} | {r['status']} | | | | | |")
+                lines.append(f"| {name} | {r['batch']} | {r['length']} | {r['status']} |" + " |" * (len(modes) + 3))
                 continue
             rows[name, r["batch"], r["length"]] = r
-            e, f = r["decode"].get("eager", {}), r["decode"]["fused"]
-            floor = r.get("floor_ms")
-            lines.append(f"| {name} | {r['batch']} | {r['length']} | {e.get('ms_per_step', float('nan')):.3f} | "
-                         f"{f['ms_per_step']:.3f} | {floor or float('nan'):.3f} | "
-                         f"{f['ms_per_step'] / floor if floor else float('nan'):.1f}x | "
-                         f"{e.get('kernels')} / {f.get('kernels')} | {f['tok_s']:.0f} |")
+            ms = {m: r["decode"][m]["ms_per_step"] for m in modes if m in r["decode"]}
+            floor = r.get("floor_ms") or float("nan")
+            lines.append(f"| {name} | {r['batch']} | {r['length']} | "
+                         + " | ".join(f"{ms.get(m, float('nan')):.3f}" for m in modes)
+                         + f" | {floor:.3f} | {ms['fused'] / floor:.1f}x | "
+                         + " / ".join(str(r["decode"].get(m, {}).get("kernels")) for m in modes)
+                         + f" | {r['decode']['fused']['tok_s']:.0f} |")
     names = list(results)
     lines += ["", "decode speed-up against the teacher (teacher ms / model ms), eager -> fused:", "",
               "| model | B | " + " | ".join(str(T) for T in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
@@ -123,11 +127,9 @@ def table(results, batches, lengths):
             cells = []
             for T in lengths:
                 m, t = rows.get((name, B, T)), rows.get((names[0], B, T))
-                if m is None or t is None:
-                    cells.append("-")
-                    continue
-                ratio = {k: t["decode"][k]["ms_per_step"] / m["decode"][k]["ms_per_step"] for k in m["decode"]}
-                cells.append(" -> ".join(f"{ratio[k]:.2f}x" for k in ("eager", "fused") if k in ratio))
+                ratio = {k: t["decode"][k]["ms_per_step"] / m["decode"][k]["ms_per_step"]
+                         for k in ("eager", "fused") if m and t and k in m["decode"] and k in t["decode"]}
+                cells.append(" -> ".join(f"{v:.2f}x" for v in ratio.values()) or "-")
             lines.append(f"| {name} | {B} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -164,7 +166,7 @@ def main(cfg):
                   f"{c['max_logit_diff']:.3g} ({c['rel_logit_diff']:.2g} of the largest)"
                   + (f" | first differing token {c['first_diff']}, eager top-2 margin there "
                      f"{c['eager_margin_there']:.3g}" if not c["tokens_equal"] else ""), flush=True)
-        speed = bench(model, lengths, batches, cfg.decode_tokens, device, modes=("eager", "fused"))
+        speed = bench(model, lengths, batches, cfg.decode_tokens, device, modes=("eager", "fused-cublas", "fused"))
         results[name] = dict(mixers=mixers, checks=checks, speed=speed)
         if cfg.compile and (name == layouts[0][0] or "attn" not in mixers):
             results[name]["compile"] = bench(model, lengths[:1], [1], cfg.decode_tokens, device,

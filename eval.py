@@ -129,15 +129,16 @@ def kernels_per_step(step, x):
 
 
 @torch.no_grad()
-def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused")):
+def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused-cublas", "fused")):
     """Prefill and decode timings and memory for each batch x length; a length that runs out of memory ends that
     batch's sweep (the longer ones are marked skipped). Each decode mode of model.decoder decodes from the same
     prefill (the earlier modes from a copy of the cache): "eager", the model's forward recorded as one CUDA graph
-    (the step before issue 16); "fused", Transformer.fused_step recorded the same way; "fused+compile", that under
-    torch.compile. Beside each time: the floor, the bytes a step must move (kernels_decode.step_bytes: weights, KV
-    up to the position, GLA states read and written) over the copy bandwidth measured here, and on the GPU the
-    kernels of one step (kernels_per_step, on one extra step after the timed ones). decode_tok_s,
-    decode_ms_per_step and peak_decode_bytes are the last mode's."""
+    (the step before issue 16); "fused" and "fused-cublas", Transformer.fused_step recorded the same way (its norms
+    inside matrix-vector kernels, or cuBLAS matmuls); "fused+compile", "fused" under torch.compile. Beside each
+    time: the floor, the bytes a step must move (kernels_decode.step_bytes: weights, KV up to the position, GLA
+    states read and written) over the copy bandwidth measured here, and on the GPU the kernels of one step
+    (kernels_per_step, on one extra step after the timed ones). decode_tok_s, decode_ms_per_step and
+    peak_decode_bytes are the last mode's."""
     from kernels_decode import copy_bandwidth, step_bytes
     cuda = str(device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -180,7 +181,6 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused")):
         r["floor_ms"] = 1000 * r["step_bytes"] / bw if bw else None
         for i, mode in enumerate(modes):
             c = fork(cache, B) if i < len(modes) - 1 else cache  # the last mode decodes from the prefill itself
-            # "fused+compile": the fused step under torch.compile (decoder's compile=True)
             step, x = decoder(model, c, mode.split("+")[0], compile=mode.endswith("+compile")), nxt
             for _ in range(warm):
                 x = step(x).argmax(-1, keepdim=True)
@@ -221,8 +221,8 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused")):
                   + f" | cache {r['cache_bytes'] / 2**20:.1f}MB" + " | past max_position_embeddings"
                   * r["beyond_max_pos"], flush=True)
     if bw:
-        print(f"  (floor = bytes a step moves / copy bandwidth {bw / 1e12:.2f} TB/s; kernels: CUDA kernels, memcpys and "
-              f"memsets of one step in a profiler trace)")
+        print(f"  (floor = bytes a step moves / copy bandwidth {bw / 1e12:.2f} TB/s; kernels: CUDA kernels, memcpys "
+              f"and memsets of one step in a profiler trace)")
     return rows
 
 

@@ -47,7 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import chunk_gla, gla_step
-from kernels_decode import attend, gla_decode, rms_norm, rope_cache_write, swiglu
+from kernels_decode import (GEMV_ROWS, attend, gla_decode, norm_linear, rms_norm, rope_cache_write, swiglu,
+                            swiglu_linear)
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -327,12 +328,13 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------------- fused decoding
 
     @torch.no_grad()
-    def decode_plan(self, cache):
+    def decode_plan(self, cache, gemv=True):
         """What fused_step reads, built once per decoder (kernels_decode has the why): per layer the weights with
         the projections that share an input concatenated (q|k|v for attn; q|k|v|g_proj|gk_proj[0] for gla;
         gate|up), copies made here so the parameters (training, checkpoints) stay as they are; the layer's cache
-        buffers; the cos/sin table of every cache slot; the position tensor. Plain dicts and lists of tensors, so
-        torch.compile can trace the step. A new mixer kind adds its branch here and in fused_step."""
+        buffers; the cos/sin table of every cache slot; the position tensor; gemv (fused_step). Plain dicts and
+        lists of tensors, so torch.compile can trace the step. A new mixer kind adds its branch here and in
+        fused_step."""
         c = self.config
         layers = []
         for kind, block, entry in zip(c.mixers, self.model.layers, cache):
@@ -354,31 +356,45 @@ class Transformer(nn.Module):
                 raise NotImplementedError(f"fused decoding has no {kind!r} step")
             layers.append(layer)
         cos, sin = self.rope(torch.arange(cache.max_len, device=cache.pos_t.device))
-        return dict(layers=layers, cos=cos, sin=sin, pos_t=cache.pos_t)
+        return dict(layers=layers, cos=cos, sin=sin, pos_t=cache.pos_t, gemv=gemv)
 
     def fused_step(self, idx, plan):
         """fp32 logits [B, vocab] of one decoding step, idx [B, 1], at position plan["pos_t"], which it advances:
-        the eager step's arithmetic (forward with a cache, T = 1) in the fused kernels of kernels_decode."""
-        c = self.config
+        the eager step's arithmetic (forward with a cache, T = 1) in the fused kernels of kernels_decode. With
+        plan["gemv"] (up to 16 rows, no autocast) each RMSNorm runs inside the matrix-vector kernel of the matmul
+        after it, and the SwiGLU inside the down projection's; else they are kernels of their own before cuBLAS."""
+        c, eps = self.config, self.config.rms_norm_eps
         B, H, Hkv, K = idx.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        gemv = plan["gemv"] and B <= GEMV_ROWS and not torch.is_autocast_enabled(idx.device.type)
+
+        def norm_matmul(x, y, norm, weight, bias=None):  # (RMSNorm(x + y) @ weight^T + bias, x + y, its dtype)
+            if gemv:
+                out, x = norm_linear(x, y, norm, eps, weight, bias, weight.dtype)
+                return out, x, torch.promote_types(x.dtype, norm.dtype)
+            h, x = rms_norm(x, y, norm, eps)
+            return F.linear(h, weight, bias), x, h.dtype
+
         x, y = self.model.embed_tokens(idx[:, 0]), None  # x: the residual stream [B, D]; y: what a sublayer adds
         for w in plan["layers"]:
-            h, x = rms_norm(x, y, w["norm1"], c.rms_norm_eps)
             if w["kind"] == "attn":
-                q, k, v = F.linear(h, w["qkv"], w["qkv_bias"]).split([H * K, Hkv * K, Hkv * K], dim=-1)
+                qkv, x, _ = norm_matmul(x, y, w["norm1"], w["qkv"], w["qkv_bias"])
+                q, k, v = qkv.split([H * K, Hkv * K, Hkv * K], dim=-1)
                 q, k, v = q.view(B, H, K), k.view(B, Hkv, K), v.view(B, Hkv, K)
                 if w["q_norm"] is not None:
                     q, k = w["q_norm"](q), w["k_norm"](k)
                 q = rope_cache_write(q, k, v, plan["cos"], plan["sin"], plan["pos_t"], w["k"], w["v"])
                 y = attend(q, w["k"], w["v"], plan["pos_t"], K ** -0.5).view(B, H * K)
             elif w["kind"] == "gla":
-                y = gla_decode(F.linear(h, w["proj"]), w["gk"], w["gk_bias"], w["state"], w["g_norm"],
-                               w["g_norm_eps"], K ** -0.5, H, h.dtype)
+                proj, x, h_dtype = norm_matmul(x, y, w["norm1"], w["proj"])
+                y = gla_decode(proj, w["gk"], w["gk_bias"], w["state"], w["g_norm"], w["g_norm_eps"], K ** -0.5, H,
+                               h_dtype)
             y = F.linear(y, w["o"], w["o_bias"])
-            h, x = rms_norm(x, y, w["norm2"], c.rms_norm_eps)
-            y = F.linear(swiglu(F.linear(h, w["gate_up"])), w["down"])
-        h, _ = rms_norm(x, y, self.model.norm.weight, c.rms_norm_eps)
+            gate_up, x, _ = norm_matmul(x, y, w["norm2"], w["gate_up"])
+            y = swiglu_linear(gate_up, w["down"]) if gemv else F.linear(swiglu(gate_up), w["down"])
         plan["pos_t"].add_(1)
+        if gemv:  # the head's output rounded to the weights' dtype, stored as fp32: the eager .float() of it
+            return norm_linear(x, y, self.model.norm.weight, eps, self.lm_head.weight, None, torch.float32)[0]
+        h, _ = rms_norm(x, y, self.model.norm.weight, eps)
         return self.lm_head(h).float()
 
     def set_mixer(self, layer_idx, module, kind):
@@ -482,7 +498,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, decode="fused"):
     """Continue idx [B, T] by up to max_new_tokens tokens: one prefill, then one token per step, with a KV cache for
     attn layers and the recurrent state for gla layers. Greedy at temperature 0. Rows that emitted eos_id keep
-    emitting it; generation stops when all have. decode: the step of decoder() ("fused" or "eager")."""
+    emitting it; generation stops when all have. decode: the step of decoder() ("fused", "fused-cublas", "eager")."""
     B, T = idx.shape
     cache = model.new_cache(B, T + max_new_tokens)
     # the prefill's last position only: logits of every position would be B x T x vocab floats
@@ -515,9 +531,10 @@ def decoder(model, cache, mode="fused", compile=False):
     """step(x [B, 1]) -> fp32 logits [B, vocab] of one decoding step at cache.pos; the cache advances by one.
 
     mode "eager": the step is the model's forward with the cache (T = 1), some 40 small kernels per layer, 1200 for a
-    30-layer model. mode "fused": Transformer.fused_step, the same arithmetic in 8-10 kernels per layer
-    (kernels_decode), on weights concatenated once here (decode_plan). compile: torch.compile the fused step
-    (fullgraph; the kernels are opaque custom ops) before recording it; a model with a mixer fused_step lacks
+    30-layer model. mode "fused": Transformer.fused_step, the same arithmetic in 5-7 kernels per layer
+    (kernels_decode), on weights concatenated once here (decode_plan); "fused-cublas": the same with the matmuls
+    in cuBLAS and the norms and SwiGLU as kernels of their own (8-10 per layer). compile: torch.compile the fused
+    step (fullgraph; the kernels are opaque custom ops) before recording it. A model with a mixer fused_step lacks
     decodes eagerly.
 
     The host issues small kernels more slowly than the GPU runs them, so on CUDA the step is recorded once as a
@@ -525,10 +542,10 @@ def decoder(model, cache, mode="fused", compile=False):
     happens here), the second records the step (nothing runs while recording) and replays it, every later call only
     replays. Recording needs fixed shapes and addresses, hence the preallocated cache, the position as the tensor
     cache.pos_t, and layers that write their cache in place. On the CPU: the step itself, no graph."""
-    if mode not in ("eager", "fused"):
-        raise ValueError(f"decoder mode must be 'eager' or 'fused', got {mode!r}")
-    if mode == "fused" and all(kind in FUSED_MIXERS for kind in model.config.mixers):
-        plan = model.decode_plan(cache)
+    if mode not in ("eager", "fused", "fused-cublas"):
+        raise ValueError(f"decoder mode must be 'eager', 'fused' or 'fused-cublas', got {mode!r}")
+    if mode != "eager" and all(kind in FUSED_MIXERS for kind in model.config.mixers):
+        plan = model.decode_plan(cache, gemv=mode == "fused")
         fused = torch.compile(model.fused_step, fullgraph=True) if compile else model.fused_step
 
         def run(x):
