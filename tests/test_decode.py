@@ -66,22 +66,29 @@ def decode_both(m, idx, steps, fused="fused", T_extra=2):
 
 
 def assert_caches_equal(a, b, tol):
+    """KV buffers and GLA states equal within tol relative to their largest entry (at least 1)."""
     for ea, eb in zip(a, b):
         for key in ("k", "v", "state"):
             if key in ea:
-                assert (ea[key].float() - eb[key].float()).abs().max() <= tol, key
+                ref = eb[key].float()
+                assert (ea[key].float() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()), key
 
 
 # ------------------------------------------------------------------------------------------- kernels vs references
 
 def close(a, b, tol):
+    """Equal shapes and dtypes, values within tol relative to the reference's largest (at least 1)."""
     assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
     err = (a.float() - b.float()).abs().max().item()
-    assert err <= tol, err
+    assert err <= tol * max(1.0, b.float().abs().max().item()), err
 
 
-DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 0),
-          (torch.bfloat16, torch.float32, 1e-5)]  # (activations, weights/residual/cache, tolerance); last: autocast
+# bf16: the interpreter reproduces the eager roundings exactly; a GPU sums in another order (one bf16 step apart)
+BF16 = 0 if kd.INTERPRET else 1e-2
+
+
+DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, BF16),
+          (torch.bfloat16, torch.float32, max(1e-5, BF16))]  # (activations, weights/residual/cache, tolerance); last: autocast
 DT_IDS = ["fp32", "bf16", "autocast"]
 
 
@@ -161,7 +168,7 @@ def test_triton_gla_decode(act, wdt, tol):
 def test_triton_norm_linear_swiglu_linear(dt):
     # widths that are not multiples of the kernel's blocks (D = 80 of BD = 128, N = 150 of BN = 16); 1 and 3 rows
     gen = torch.Generator().manual_seed(0)
-    tol = 1e-5 if dt == torch.float32 else 0
+    tol = 1e-5 if dt == torch.float32 else BF16
     D, N, I = 80, 150, 72
     nw = (1 + 0.1 * torch.randn(D, generator=gen)).to(dt).to(DEV)
     W, b = (torch.randn(N, D, generator=gen) * 0.1).to(dt).to(DEV), torch.randn(N, generator=gen).to(dt).to(DEV)
