@@ -325,6 +325,14 @@ class Transformer(nn.Module):
                 entries.append({"state": torch.zeros(shape, dtype=torch.float32, device=w.device)})
         return Cache(entries, max_len, w.device)
 
+    def set_mixer(self, layer_idx, module, kind):
+        """Put `module` in layer `layer_idx` as its mixer; config.mixers follows, so checkpoints rebuild it."""
+        if not isinstance(module, {"attn": Attention, "gla": GLA}[kind]):
+            raise TypeError(f"set_mixer: kind {kind!r} needs a {'Attention' if kind == 'attn' else 'GLA'} module, "
+                            f"got {type(module).__name__}")
+        self.model.layers[layer_idx].self_attn = module
+        self.config.mixers[layer_idx] = kind
+
     # ------------------------------------------------------------------------------------------- fused decoding
 
     @torch.no_grad()
@@ -396,14 +404,6 @@ class Transformer(nn.Module):
             return norm_linear(x, y, self.model.norm.weight, eps, self.lm_head.weight, None, torch.float32)[0]
         h, _ = rms_norm(x, y, self.model.norm.weight, eps)
         return self.lm_head(h).float()
-
-    def set_mixer(self, layer_idx, module, kind):
-        """Put `module` in layer `layer_idx` as its mixer; config.mixers follows, so checkpoints rebuild it."""
-        if not isinstance(module, {"attn": Attention, "gla": GLA}[kind]):
-            raise TypeError(f"set_mixer: kind {kind!r} needs a {'Attention' if kind == 'attn' else 'GLA'} module, "
-                            f"got {type(module).__name__}")
-        self.model.layers[layer_idx].self_attn = module
-        self.config.mixers[layer_idx] = kind
 
 # ----------------------------------------------------------------------------------------------------------- build
 
