@@ -584,4 +584,5 @@ def decoder(model, cache, mode="fused", compile=False):
         graph.replay()
         cache.pos += 1
         return static["out"].clone()
+    step.run = run  # the step itself, unrecorded (eval.kernels_per_step counts its launches)
     return step
