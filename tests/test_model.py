@@ -136,7 +136,7 @@ def test_cuda_graph_decoding_equals_eager(amp):
         for graphs in (True, False):
             cache = m.new_cache(3, 30)
             m(idx, cache=cache)
-            step = decoder(m, cache) if graphs else (lambda x: m(x, cache=cache)[:, -1].float())
+            step = decoder(m, cache, "eager") if graphs else (lambda x: m(x, cache=cache)[:, -1].float())
             x, logits = idx[:, -1:], []
             for _ in range(12):
                 logits.append(step(x))

@@ -1,0 +1,321 @@
+"""The fused decoding step (model.Transformer.fused_step, kernels_decode.py) against the eager step: every Triton
+kernel against its PyTorch reference (fp32 and bf16, the mixed dtypes of autocast, GQA groups of 3, widths that are
+not powers of two, attention over one split and many), the fused step's logits and cache against the eager step's
+over several steps (fp32, CPU: teacher, hybrid, all-GLA; biases, q/k norms, a tied head), greedy generation token
+for token, torch.compile of the step (fullgraph), the floor's byte count. On a GPU also bf16 and autocast, through
+the recorded CUDA graph.
+
+As in test_kernels.py, the Triton kernels run on CPU in triton's interpreter (TRITON_INTERPRET=1), in a child pytest
+(test_child_runs_triton_tests) so that the interpreter stays out of the other test modules.
+Alone: TRITON_INTERPRET=1 python -m pytest -q tests/test_decode.py
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kernels_decode as kd  # noqa: E402
+import model as M  # noqa: E402
+from model import ModelConfig, Transformer, decoder, generate  # noqa: E402
+
+TRITON_HERE = kd.INTERPRET or torch.cuda.is_available()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="runs in the TRITON_INTERPRET=1 child")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 decoding through CUDA graphs needs a GPU")
+
+
+def tiny(mixers, arch="llama", tie=False, seed=0):
+    """A random model with GQA groups of 3 (6 query heads, 2 KV heads) and widths that are not powers of two."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch=arch, vocab_size=97, hidden_size=80, intermediate_size=72, num_hidden_layers=len(mixers),
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tie,
+                      attention_bias=arch == "qwen2", qk_norm=arch == "qwen3", mixers=list(mixers))
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # non-trivial norms, biases and gates
+    return m
+
+
+def tokens(B, T, seed=1):
+    return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_both(m, idx, steps, fused="fused", T_extra=2):
+    """Logits [steps, B, vocab] and the cache of the eager and of the fused decoder (mode `fused`) after the same
+    prefill, each fed the eager step's greedy tokens."""
+    out = {}
+    forced = None
+    for mode in ("eager", fused):
+        cache = m.new_cache(idx.shape[0], idx.shape[1] + steps + T_extra)
+        with torch.no_grad():
+            m(idx, cache=cache)
+        step, x, logits = decoder(m, cache, mode), idx[:, -1:], []
+        for i in range(steps):
+            logits.append(step(x))
+            x = logits[-1].argmax(-1, keepdim=True) if forced is None else forced[i]
+        if forced is None:
+            forced = [lg.argmax(-1, keepdim=True) for lg in logits]
+        assert cache.pos == cache.pos_t.item() == idx.shape[1] + steps
+        out["fused" if mode == fused else mode] = (torch.stack(logits), cache)
+    return out
+
+
+def assert_caches_equal(a, b, tol):
+    """KV buffers and GLA states equal within tol relative to their largest entry (at least 1)."""
+    for ea, eb in zip(a, b):
+        for key in ("k", "v", "state"):
+            if key in ea:
+                ref = eb[key].float()
+                assert (ea[key].float() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()), key
+
+
+# ------------------------------------------------------------------------------------------- kernels vs references
+
+def close(a, b, tol):
+    """Equal shapes and dtypes, values within tol relative to the reference's largest (at least 1)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= tol * max(1.0, b.float().abs().max().item()), err
+
+
+# bf16: the interpreter reproduces the eager roundings exactly; a GPU sums in another order (one bf16 step apart)
+BF16 = 0 if kd.INTERPRET else 1e-2
+
+
+DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, BF16),
+          (torch.bfloat16, torch.float32, max(1e-5, BF16))]  # (activations, weights/residual/cache, tolerance); last: autocast
+DT_IDS = ["fp32", "bf16", "autocast"]
+
+
+@needs_triton
+@pytest.mark.parametrize("act,wdt,tol", DTYPES, ids=DT_IDS)
+def test_triton_rms_norm_swiglu(act, wdt, tol):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 80, generator=gen).to(wdt).to(DEV), torch.randn(3, 80, generator=gen).to(act).to(DEV)
+    w = (1 + 0.1 * torch.randn(80, generator=gen)).to(wdt).to(DEV)
+    for yy in (None, y):
+        out, res = kd._rms_norm_triton(x, yy, w, 1e-6)
+        ref_out, ref_res = kd.rms_norm_ref(x, yy, w, 1e-6)
+        close(out, ref_out, tol)
+        close(res, ref_res, 0)
+    gu = torch.randn(3, 2 * 72, generator=gen).to(act).to(DEV)
+    close(kd._swiglu_triton(gu), kd.swiglu_ref(gu), tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("act,wdt,tol", DTYPES, ids=DT_IDS)
+def test_triton_rope_cache_write(act, wdt, tol):
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, K, L = 2, 6, 2, 16, 37
+    qkv = torch.randn(B, (H + 2 * Hkv) * K, generator=gen).to(act).to(DEV)  # rows of the merged projection
+    q, k, v = (t.view(B, -1, K) for t in qkv.split([H * K, Hkv * K, Hkv * K], dim=-1))
+    cos, sin = tiny(["attn"]).to(DEV).rope(torch.arange(L, device=DEV))
+    kc = torch.randn(B, Hkv, L, K, generator=gen).to(wdt).to(DEV)
+    vc = torch.randn(B, Hkv, L, K, generator=gen).to(wdt).to(DEV)
+    for p in (0, L - 1):
+        pos = torch.tensor(p, device=DEV)
+        caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+        out = kd._rope_cache_write_triton(q, k, v, cos, sin, pos, *caches[0])
+        ref = kd.rope_cache_write_ref(q, k, v, cos, sin, pos, *caches[1])
+        close(out, ref, tol)
+        close(caches[0][0], caches[1][0], tol)
+        close(caches[0][1], caches[1][1], 0)
+        assert not torch.equal(caches[0][0], kc) and torch.equal(caches[0][0][:, :, p + 1:], kc[:, :, p + 1:])
+
+
+@needs_triton
+@pytest.mark.parametrize("act,wdt,tol", DTYPES, ids=DT_IDS)
+def test_triton_attend_splits(act, wdt, tol):
+    # keys split in 8 (19 splits), 64, 16 and the automatic choice; positions at the start, past a block edge, the end
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, K, L = 2, 6, 2, 16, 150
+    kc = torch.randn(B, Hkv, L, K, generator=gen).to(wdt).to(DEV)
+    vc = torch.randn(B, Hkv, L, K, generator=gen).to(wdt).to(DEV)
+    q = (2 * torch.randn(B, H, K, generator=gen)).to(act).to(DEV)
+    for p, split in ((0, 8), (64, 64), (149, 16), (100, 0)):
+        pos = torch.tensor(p, device=DEV)
+        # bf16: flash-decoding rounds the probabilities before normalising them, the eager step (attend_ref) after
+        close(kd._attend_triton(q, kc, vc, pos, K ** -0.5, split), kd.attend_ref(q, kc, vc, pos, K ** -0.5),
+              max(tol, 1e-6 if act == torch.float32 else 2e-2))
+
+
+@needs_triton
+@pytest.mark.parametrize("act,wdt,tol", DTYPES, ids=DT_IDS)
+def test_triton_gla_decode(act, wdt, tol):
+    gen = torch.Generator().manual_seed(0)
+    B, H, K, R = 2, 6, 16, 5
+    proj = torch.randn(B, 4 * H * K + R, generator=gen).to(act).to(DEV)
+    gw = (torch.randn(H * K, R, generator=gen) * 2).to(wdt).to(DEV)
+    gb = torch.randn(H * K, generator=gen).to(wdt).to(DEV)
+    nw = (1 + 0.1 * torch.randn(K, generator=gen)).to(wdt).to(DEV)
+    S = torch.randn(B, H, K, K, generator=gen).to(DEV)
+    states = [S.clone(), S.clone()]
+    out = kd._gla_decode_triton(proj, gw, gb, states[0], nw, 1e-5, K ** -0.5, H, wdt)
+    ref = kd.gla_decode_ref(proj, gw, gb, states[1], nw, 1e-5, K ** -0.5, H, wdt)
+    # bf16: the state is fp32 either way; the output may differ by one bf16 rounding where fp32 sums differ
+    close(out, ref, max(tol, 0 if act == torch.float32 else 2e-2))
+    close(states[0], states[1], 1e-5)
+    assert not torch.equal(states[0], S)
+
+
+@needs_triton
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_norm_linear_swiglu_linear(dt):
+    # widths that are not multiples of the kernel's blocks (D = 80 of BD = 128, N = 150 of BN = 16); 1 and 3 rows
+    gen = torch.Generator().manual_seed(0)
+    tol = 1e-5 if dt == torch.float32 else BF16
+    D, N, I = 80, 150, 72
+    nw = (1 + 0.1 * torch.randn(D, generator=gen)).to(dt).to(DEV)
+    W, b = (torch.randn(N, D, generator=gen) * 0.1).to(dt).to(DEV), torch.randn(N, generator=gen).to(dt).to(DEV)
+    W2 = (torch.randn(N, I, generator=gen) * 0.1).to(dt).to(DEV)
+    for B in (1, 3):
+        x, y = (torch.randn(B, D, generator=gen).to(dt).to(DEV) for _ in range(2))
+        for yy, bb, odt in ((None, None, dt), (y, b, dt), (y, None, torch.float32)):
+            out, res = kd._linear_triton("rms", x, yy, nw, 1e-6, W, bb, odt)
+            ref_out, ref_res = kd.norm_linear_ref(x, yy, nw, 1e-6, W, bb, odt)
+            close(out, ref_out, max(tol, 1e-5))
+            close(res, ref_res, 0)
+        gu = torch.randn(B, 2 * I, generator=gen).to(dt).to(DEV)
+        close(kd._linear_triton("swiglu", gu, None, None, 0.0, W2, None, dt)[0], kd.swiglu_linear_ref(gu, W2),
+              max(tol, 1e-5))
+
+
+def test_attend_split_choice():
+    for L, rows in ((1090, 3), (32834, 24), (37, 2), (5000, 1)):
+        split = kd.attend_split(L, rows, torch.device("cpu"))
+        n = -(-L // split)
+        assert split % kd.BN == 0 and 1 <= n <= kd.MAX_SPLITS and (n - 1) * split < L
+
+
+# ------------------------------------------------------------------------------------------- the fused step
+
+MODELS = {"teacher": (["attn"] * 3, "llama", False), "hybrid": (["attn", "gla", "gla", "attn"], "llama", True),
+          "all-gla": (["gla"] * 3, "llama", False), "qwen2-bias": (["attn", "gla"], "qwen2", False),
+          "qwen3-qknorm": (["gla", "attn"], "qwen3", True)}
+
+
+@pytest.mark.parametrize("mode", ["fused", "fused-cublas"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_step_equals_eager_step(name, mode):
+    """fp32, CPU: the fused step's logits and cache equal the eager step's over 6 steps; generation is the same."""
+    mixers, arch, tie = MODELS[name]
+    m = tiny(mixers, arch, tie)
+    idx = tokens(2, 9)
+    out = decode_both(m, idx, 6, mode)
+    (le, ce), (lf, cf) = out["eager"], out["fused"]
+    assert (le - lf).abs().max() <= 1e-5 * le.abs().max()  # ~1e-7 with the references; ~1e-6 Triton (interpreted)
+    assert_caches_equal(ce, cf, 1e-5)
+    assert torch.equal(generate(m, idx, 8, decode="eager"), generate(m, idx, 8, decode=mode))
+
+
+@needs_triton
+def test_triton_fused_step_equals_eager_step():
+    """The fused step with the Triton kernels (interpreter on CPU): the eager step's logits, cache and greedy tokens
+    (both are fed the eager step's tokens, so equal argmaxes are equal greedy generations)."""
+    m = tiny(["attn", "gla"], tie=True).to(DEV)
+    idx = tokens(2, 9).to(DEV)
+    out = decode_both(m, idx, 3)
+    (le, ce), (lf, cf) = out["eager"], out["fused"]
+    assert (le - lf).abs().max() < 1e-4 and torch.equal(le.argmax(-1), lf.argmax(-1))
+    assert_caches_equal(ce, cf, 1e-5)
+
+
+def test_fused_step_compiles_fullgraph():
+    """torch.compile traces the whole step without a graph break (the kernels are custom ops, their cache writes
+    in place); aot_eager keeps the CPU test fast, a GPU runs inductor in test_gpu_fused_decoder_bf16."""
+    m = tiny(["attn", "gla"])
+    idx = tokens(2, 9)
+    logits = []
+    for backend in (None, "aot_eager"):
+        cache = m.new_cache(2, 16)
+        with torch.no_grad():
+            m(idx, cache=cache)
+            plan = m.decode_plan(cache)
+            step = m.fused_step if backend is None else torch.compile(m.fused_step, fullgraph=True, backend=backend)
+            x, out = idx[:, -1:].contiguous(), []
+            for _ in range(3):
+                out.append(step(x, plan))
+                x = out[-1].argmax(-1, keepdim=True)
+        assert cache.pos_t.item() == 12
+        logits.append((torch.stack(out), cache))
+    assert (logits[0][0] - logits[1][0]).abs().max() < 1e-6
+    assert_caches_equal(logits[0][1], logits[1][1], 1e-6)
+
+
+def test_decoder_modes_and_fallback(monkeypatch):
+    m = tiny(["attn", "gla"])
+    cache = m.new_cache(1, 12)
+    with pytest.raises(ValueError, match="'eager', 'fused' or 'fused-cublas'"):
+        decoder(m, cache, "graph")
+    # a mixer fused_step has no branch for (a new kind, before its kernel exists) decodes with the eager step
+    monkeypatch.setattr(M, "FUSED_MIXERS", ("attn",))
+    monkeypatch.setattr(Transformer, "decode_plan", lambda *a: pytest.fail("the fused step was built"))
+    idx = tokens(1, 5)
+    ref = generate(m, idx, 4, decode="eager")
+    assert torch.equal(generate(m, idx, 4, decode="fused"), ref)
+
+
+def test_step_bytes():
+    """The floor's numerator: weights once (a tied head once), K and V up to pos, GLA states read and written."""
+    for tie in (False, True):
+        m = tiny(["attn", "gla", "attn"], tie=tie)
+        params = sum(p.numel() for p in m.parameters())  # parameters() lists a tied matrix once
+        weights = 4 * (params - (0 if tie else 97 * 80))  # an untied embedding is read only in B rows
+        kv, state = 2 * 3 * 2 * 101 * 16 * 4, 2 * 3 * 6 * 16 * 16 * 4
+        assert kd.step_bytes(m, 3, 100) == weights + 2 * kv + state
+
+
+# ------------------------------------------------------------------------------------------- GPU: bf16, graphs
+
+@needs_gpu
+@pytest.mark.parametrize("fused,compile", [("fused", False), ("fused-cublas", False), ("fused", True)],
+                         ids=["fused", "cublas", "compile"])
+def test_gpu_fused_decoder_bf16(fused, compile):
+    """bf16 weights, both steps recorded as CUDA graphs: logits close, greedy tokens equal wherever the eager step's
+    top-2 margin is not a tie at bf16 precision."""
+    m = tiny(["attn", "gla", "gla", "attn"]).to("cuda", torch.bfloat16)
+    idx = tokens(3, 11).cuda()
+    runs = []
+    for mode in ("eager", fused):
+        cache = m.new_cache(3, 40)
+        with torch.no_grad():
+            m(idx, cache=cache)
+        step = decoder(m, cache, mode, compile=compile and mode != "eager")
+        x, logits = idx[:, -1:], []
+        for i in range(12):
+            logits.append(step(x))
+            x = logits[-1].argmax(-1, keepdim=True) if not runs else runs[0][i].argmax(-1, keepdim=True)
+        assert cache.pos == cache.pos_t.item() == 23
+        runs.append(torch.stack(logits))
+    err = (runs[0] - runs[1]).abs().max().item()
+    assert err < 3e-2 * runs[0].abs().max().item(), err
+    top2 = runs[0].topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * err
+    assert torch.equal(runs[0].argmax(-1)[clear], runs[1].argmax(-1)[clear])
+
+
+@needs_gpu
+def test_gpu_fused_decoder_autocast():
+    """fp32 weights under bf16 autocast (eval's recall runs): the fused step follows the eager step's roundings."""
+    m = tiny(["attn", "gla", "gla", "attn"]).cuda()
+    idx = tokens(3, 11).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = decode_both(m, idx, 8)
+    (le, ce), (lf, cf) = out["eager"], out["fused"]
+    assert (le - lf).abs().max() < 3e-2 * le.abs().max()
+    assert_caches_equal(ce, cf, 3e-2)
+
+
+def test_child_runs_triton_tests():
+    if TRITON_HERE:
+        pytest.skip("the Triton tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                        "-k", "triton and not child"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
