@@ -221,57 +221,6 @@ def check(cfg):
         raise FileNotFoundError(f"--haystack={cfg.haystack}: no such file (\"\" = RULER's filler sentences)")
 
 
-def lm_eval_tasks(cfg):
-    """The --lm_eval task names, split into RULER's (run at each length) and the rest; unknown names refused."""
-    tasks = [t for t in cfg.lm_eval.split(",") if t]
-    if not tasks:
-        return [], []
-    try:
-        import lm_eval_nanohybrid  # noqa: F401  (registers the model; needs lm-eval)
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise ImportError(f"--lm_eval needs lm-evaluation-harness: pip install lm-eval==0.4.13 wonderwords nltk "
-                          f"({e})") from e
-    # RULER's folder is indexed in a moment; all of the harness's tasks take half a minute, so only when needed
-    ruler = [t for t in tasks if t in TaskManager(include_path=ruler_folder(), include_defaults=False).all_tasks]
-    other = [t for t in tasks if t not in ruler]
-    unknown = [t for t in other if t not in TaskManager().all_tasks] if other else []
-    if unknown:
-        raise ValueError(f"--lm_eval: unknown task(s) {unknown} (the harness lists its tasks with `lm_eval ls tasks`)")
-    return ruler, other
-
-
-def ruler_folder():
-    import lm_eval
-    return os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "ruler")
-
-
-def run_lm_eval(name, model, tok, hf_tok, ruler, other, lengths, cfg, device):
-    """{task: {metric: value}} for one model; RULER's tasks as {length: string_match_all} at each length."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-    from lm_eval_nanohybrid import NanoHybridLM
-    lm = NanoHybridLM(model=model, tok=tok, tokenizer=hf_tok, batch_size=cfg.batch_size, device=device,
-                      max_length=max([model.config.max_position_embeddings] + lengths))
-    limit, out = cfg.lm_eval_limit or None, {}
-    for L in lengths if ruler else []:
-        print(f"{name} | lm_eval {','.join(ruler)} @ {L}", flush=True)
-        # only RULER's folder is indexed (all of lm_eval's tasks take half a minute); data is made for length L
-        manager = TaskManager(include_path=ruler_folder(), include_defaults=False,
-                              metadata={"tokenizer": hf_tok, "max_seq_lengths": [L]})
-        results = simple_evaluate(model=lm, tasks=ruler, limit=limit, task_manager=manager)["results"]
-        for t in ruler:
-            out.setdefault(t, {})[str(L)] = results[t][f"{L},none"]
-    if other:
-        print(f"{name} | lm_eval {','.join(other)}", flush=True)
-        results = simple_evaluate(model=lm, tasks=other, limit=limit,
-                                  task_manager=TaskManager(metadata={"tokenizer": hf_tok}))["results"]
-        for t in other:
-            out[t] = {k.split(",")[0]: v for k, v in results[t].items()
-                      if isinstance(v, (int, float)) and "stderr" not in k}
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------ report
 
 def default_checkpoints(run_dir):
@@ -414,7 +363,14 @@ def main(cfg):
         inherit(cfg, meta.get("config", {}), ["teacher", "data_dir"])
     cfg.teacher = teacher_source = cfg.teacher or "smollm2"
     cfg.data_dir = cfg.data_dir or os.path.join(run_dir, "data")
-    ruler, other = lm_eval_tasks(cfg)
+    ruler, other = [], []
+    if cfg.lm_eval:
+        try:
+            import lm_eval_nanohybrid as harness
+        except ImportError as e:
+            raise ImportError(f"--lm_eval needs lm-evaluation-harness: pip install lm-eval==0.4.13 wonderwords nltk "
+                              f"({e})") from e
+        ruler, other = harness.split_tasks(cfg.lm_eval)
     print_config(cfg)
     print(f"evaluating: teacher ({teacher_source})" + "".join(f", {n} ({p})" for n, p in zip(names, paths)))
     os.makedirs(out, exist_ok=True)
@@ -448,9 +404,8 @@ def main(cfg):
           f"chat format: {tok.is_chat})")
     hf_tok = None
     if ruler or other:
-        from lm_eval_nanohybrid import hf_tokenizer_dir, punkt_offline
-        hf_tok = hf_tokenizer_dir(teacher_source)
-        note = punkt_offline() if ruler else None
+        hf_tok = harness.hf_tokenizer_dir(teacher_source)
+        note = harness.punkt_offline() if ruler else None
         notes += [note] if note else []
 
     # ---- quality: the teacher first, then each student (the teacher stays loaded for the KL)
@@ -469,7 +424,8 @@ def main(cfg):
             r["recall"] = recall_suite(name, model, tok, prompts, device, cfg.batch_size)
             r["recall"]["past_max_pos"] = [str(L) for L in lengths if L > max_pos]
         if ruler or other:
-            r["lm_eval"] = run_lm_eval(name, model, tok, hf_tok, ruler, other, lengths, cfg, device)
+            r["lm_eval"] = harness.evaluate_tasks(name, model, tok, hf_tok, ruler, other, lengths, cfg.batch_size,
+                                                  cfg.lm_eval_limit, device)
         if path is not None:
             del model
             free(cuda)

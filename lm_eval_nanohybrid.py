@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +50,7 @@ from lm_eval.api.registry import register_model
 
 from common import autocast, pick_device
 from model import decoder
+from recall import Progress
 
 RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 CACHE = os.environ.get("NANOHYBRID_CACHE") or os.path.expanduser("~/.cache/nanohybrid")
@@ -97,21 +97,6 @@ def punkt_offline():
 
 
 # ----------------------------------------------------------------------------------------------------- the model
-
-class Progress:
-    """Requests done of N, with eta, at most every 10 s: long lm_eval runs must show that they move."""
-
-    def __init__(self, what, total, every=10.0):
-        self.what, self.total, self.every, self.done, self.t0, self.last = what, total, every, 0, time.time(), 0.0
-
-    def __call__(self, n):
-        self.done += n
-        now = time.time()
-        if self.total and (now - self.last >= self.every or self.done == self.total):
-            self.last, elapsed = now, now - self.t0
-            print(f"nanohybrid | {self.what} {self.done}/{self.total} | {elapsed:.0f}s | "
-                  f"eta {elapsed / self.done * (self.total - self.done):.0f}s", flush=True)
-
 
 @register_model("nanohybrid")
 class NanoHybridLM(TemplateLM):
@@ -195,7 +180,7 @@ class NanoHybridLM(TemplateLM):
             rows.append((i, inp, cont[-len(inp):] if len(cont) > len(inp) else cont))
         rows.sort(key=lambda r: -len(r[1]))  # longest first: batches of similar length, an OOM shows at once
         head = self.model.lm_head.weight
-        progress = Progress("loglikelihood", len(rows)) if not disable_tqdm else (lambda n: None)
+        progress = Progress("nanohybrid | loglikelihood", len(rows)) if not disable_tqdm else (lambda n: None)
         for s in range(0, len(rows), self.batch_size):
             batch = rows[s:s + self.batch_size]
             T = len(batch[0][1])
@@ -273,7 +258,7 @@ class NanoHybridLM(TemplateLM):
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
-        progress = Progress("generate_until", len(requests)) if not disable_tqdm else (lambda n: None)
+        progress = Progress("nanohybrid | generate_until", len(requests)) if not disable_tqdm else (lambda n: None)
         for members in groups.values():
             kwargs = dict(requests[members[0]].args[1])
             if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0) > 0:
@@ -296,6 +281,51 @@ class NanoHybridLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 progress(len(batch))
         return results
+
+
+# ------------------------------------------------------------------------------------------- eval.py --lm_eval
+
+def ruler_folder():
+    import lm_eval
+    return os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "ruler")
+
+
+def split_tasks(text):
+    """Comma-separated harness task names -> (RULER's, the others); unknown names refused. RULER's folder is indexed
+    in a moment, all of the harness's tasks in half a minute (on a busy 2-core CPU), so that only when needed."""
+    from lm_eval.tasks import TaskManager
+    tasks = [t for t in text.split(",") if t]
+    ruler = [t for t in tasks if t in TaskManager(include_path=ruler_folder(), include_defaults=False).all_tasks]
+    other = [t for t in tasks if t not in ruler]
+    unknown = [t for t in other if t not in TaskManager().all_tasks] if other else []
+    if unknown:
+        raise ValueError(f"--lm_eval: unknown task(s) {unknown} (the harness lists its tasks with `lm_eval ls tasks`)")
+    return ruler, other
+
+
+def evaluate_tasks(name, model, tok, hf_tok, ruler, other, lengths, batch_size, limit, device):
+    """{task: {metric: value}} of one loaded model; RULER's tasks as {length: string_match_all}, one harness run per
+    length (its data made at that length, `limit` samples of it), the others once."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    lm = NanoHybridLM(model=model, tok=tok, tokenizer=hf_tok, batch_size=batch_size, device=device,
+                      max_length=max([model.config.max_position_embeddings] + lengths))
+    out = {}
+    for L in lengths if ruler else []:
+        print(f"{name} | lm_eval {','.join(ruler)} @ {L}", flush=True)
+        manager = TaskManager(include_path=ruler_folder(), include_defaults=False,
+                              metadata={"tokenizer": hf_tok, "max_seq_lengths": [L]})
+        results = simple_evaluate(model=lm, tasks=ruler, limit=limit or None, task_manager=manager)["results"]
+        for t in ruler:
+            out.setdefault(t, {})[str(L)] = results[t][f"{L},none"]
+    if other:
+        print(f"{name} | lm_eval {','.join(other)}", flush=True)
+        results = simple_evaluate(model=lm, tasks=other, limit=limit or None,
+                                  task_manager=TaskManager(metadata={"tokenizer": hf_tok}))["results"]
+        for t in other:
+            out[t] = {k.split(",")[0]: v for k, v in results[t].items()
+                      if isinstance(v, (int, float)) and "stderr" not in k}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

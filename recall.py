@@ -245,27 +245,28 @@ def recall_accuracy(model, tok, task="mqar", length=512, n=20, seed=0, device="c
 
 
 class Progress:
-    """Prompts done of N with rate and eta, printed at most every `every` seconds (and at the end): a recall run on a
-    busy CPU takes many minutes, and a person waiting must see that it moves."""
+    """Work done of N with elapsed time and eta, printed at most every `every` seconds (and at the end): a recall run
+    on a busy CPU takes many minutes, and a person waiting must see that it moves. Call it with each batch's count."""
 
-    def __init__(self, name, total, every=10.0):
-        self.name, self.total, self.every = name, total, every
+    def __init__(self, label, total, unit="", every=10.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
         self.done, self.t0, self.last = 0, time.time(), time.time()
 
     def __call__(self, n):
         self.done += n
         now = time.time()
-        if now - self.last >= self.every or self.done == self.total:
+        if self.total and (now - self.last >= self.every or self.done == self.total):
             self.last, elapsed = now, now - self.t0
             eta = elapsed / self.done * (self.total - self.done)
-            print(f"{self.name} | recall {self.done}/{self.total} prompts | {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
+            print(f"{self.label} {self.done}/{self.total}{' ' + self.unit if self.unit else ''} | {elapsed:.0f}s | "
+                  f"eta {eta:.0f}s", flush=True)
 
 
 def recall_suite(name, model, tok, prompts, device, batch_size):
     """Scores of one model on every (task, length) cell of prompts, with the means the table and plots show. The
     prompts of one length go through generate together, whatever their task: decoding steps cost the same for a
     batch of 8 or 64 rows, so fewer, fuller calls are the fast way. Prints progress (prompts done, eta) as it goes."""
-    gen = make_generate_fn(model, tok, device, batch_size, Progress(name, sum(len(p) for p in prompts.values())))
+    gen = make_generate_fn(model, tok, device, batch_size, Progress(f"{name} | recall", sum(len(p) for p in prompts.values()), "prompts"))
     cells, words, by_depth, examples = {}, {}, {}, {}
     for L in sorted({L for _, L in prompts}):
         t0 = time.time()

@@ -216,7 +216,7 @@ def test_lm_eval_ruler_in_the_table(teacher, tmp_path, monkeypatch):
     real = lm_eval.tasks.TaskManager
     with monkeypatch.context() as m:  # the index of all the harness's tasks (half a minute here) reduced to two
         m.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None, include_defaults=True, **kw: real(
-            include_path=include_path or ev.ruler_folder(), include_defaults=False, **kw))
+            include_path=include_path or lm_eval_nanohybrid.ruler_folder(), include_defaults=False, **kw))
         with pytest.raises(ValueError, match=r"unknown task\(s\) \['nosuch'\]"):
             ev.main(ev.Config(run="t", out_dir=str(tmp_path), teacher=teacher, tasks="",
                               lm_eval="niah_single_1,nosuch", device="cpu"))
