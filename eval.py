@@ -38,6 +38,7 @@ Writes out/<run>/eval/eval.json: settings (every flag, resolved), models (per mo
 
     python eval.py --run=tiny --lengths=256 --n=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 --speed_batch=2
     python eval.py --run=smollm2                                  # one GPU: all checkpoints of the run + the teacher
+    python eval.py --run=smollm2 --lm_eval=niah_single_1,ruler_vt --lm_eval_limit=100   # + the harness's RULER
 """
 
 import gc
@@ -70,7 +71,7 @@ class Config:
     ppl_windows: int = 64           # windows of the valid split (0 = all)
     batch_size: int = 8             # windows per forward (ppl/KL); prompts per generate call (recall)
     tasks: str = ",".join(TASKS)    # recall tasks
-    lengths: str = "1024,2048,4096"  # recall prompt lengths in tokens (at most the teacher's max_position_embeddings)
+    lengths: str = "1024,2048,4096"  # recall (and RULER) lengths in tokens; past max_position_embeddings: marked
     depths: str = "0,0.25,0.5,0.75,1"  # needle depths, cycled over the n prompts of a cell
     n: int = 20                     # prompts per task x length
     seed: int = 0                   # seed of the prompts (two runs see the same prompts)

@@ -33,6 +33,7 @@ Loading an fla export: `import fla` first (it registers the classes with transfo
 """
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -45,14 +46,19 @@ from teachers import from_pretrained, resolve_source
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 FLA_CLASSES = {"gla": ("GLAForCausalLM", "gla"), "gdn": ("GatedDeltaNetForCausalLM", "gated_deltanet")}
-# the tensors of one linear-attention layer under self_attn., named as fla's layer names them
-MIXER_TENSORS = {
-    "gla": {"q_proj.weight", "k_proj.weight", "v_proj.weight", "g_proj.weight", "gk_proj.0.weight",
-            "gk_proj.1.weight", "gk_proj.1.bias", "g_norm.weight", "o_proj.weight"},
-    "gdn": {"q_proj.weight", "k_proj.weight", "v_proj.weight", "a_proj.weight", "b_proj.weight", "A_log", "dt_bias",
-            "g_proj.weight", "o_norm.weight", "o_proj.weight"},
-}
 GLA_NORM_EPS = 1e-5  # model.py's GLA output norm (method.md); GDN's is the same
+
+
+def mixer_shapes(kind, D, H, K):
+    """The tensors of one linear-attention layer under self_attn., named and shaped as fla's layer with the config
+    hf_config writes (H heads of K = V, expand_v 1, gate rank 16) has them."""
+    shared = {"q_proj.weight": (H * K, D), "k_proj.weight": (H * K, D), "v_proj.weight": (H * K, D),
+              "g_proj.weight": (H * K, D), "o_proj.weight": (D, H * K)}
+    if kind == "gla":
+        return dict(shared, **{"gk_proj.0.weight": (16, D), "gk_proj.1.weight": (H * K, 16), "gk_proj.1.bias": (H * K,),
+                               "g_norm.weight": (K,)})
+    return dict(shared, **{"a_proj.weight": (H, D), "b_proj.weight": (H, D), "A_log": (H,), "dt_bias": (H,),
+                           "o_norm.weight": (K,)})
 
 
 @dataclass
@@ -80,7 +86,7 @@ def target(mc):
     kind = linear.pop()
     D, H, K = mc["hidden_size"], mc["num_attention_heads"], mc["head_dim"]
     problems = []
-    if mc["rms_norm_eps"] != GLA_NORM_EPS:
+    if not math.isclose(mc["rms_norm_eps"], GLA_NORM_EPS, rel_tol=1e-6):  # a GGUF stores 1e-5 as float32
         problems.append(f"rms_norm_eps is {mc['rms_norm_eps']} but the {kind} output norm's eps is {GLA_NORM_EPS}; "
                         f"fla has one norm_eps for both")
     if kind == "gla" and mc.get("gla_gate_rank", 16) != 16:
@@ -142,12 +148,15 @@ def hf_state_dict(mc, sd):
     out = {}
     fla = set(mc["mixers"]) != {"attn"}
     for layer, kind in enumerate(mc["mixers"]):
+        if kind == "attn":
+            continue
         prefix = f"model.layers.{layer}.self_attn."
-        have = {k[len(prefix):] for k in sd if k.startswith(prefix)}
-        if kind in MIXER_TENSORS and have != MIXER_TENSORS[kind]:
-            raise ValueError(f"layer {layer} ({kind}) holds tensors {sorted(have)}; fla's layer needs exactly "
-                             f"{sorted(MIXER_TENSORS[kind])} (missing {sorted(MIXER_TENSORS[kind] - have)}, "
-                             f"extra {sorted(have - MIXER_TENSORS[kind])})")
+        have = {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
+        need = mixer_shapes(kind, mc["hidden_size"], mc["num_attention_heads"], mc["head_dim"])
+        if have != need:
+            raise ValueError(f"layer {layer} ({kind}): its tensors are not those of fla's layer: missing "
+                             f"{sorted(need.keys() - have.keys())}, extra {sorted(have.keys() - need.keys())}, "
+                             f"shaped otherwise {sorted(k for k in need.keys() & have.keys() if need[k] != have[k])}")
     for name, t in sd.items():
         if name == "lm_head.weight" and mc["tie_word_embeddings"]:
             continue  # stored once, as the embedding; both classes re-tie on loading

@@ -28,7 +28,9 @@ folder, named by the model argument `tokenizer`, to size prompts: this file writ
 ~/.cache/nanohybrid/hf_tokenizer/; (2) nltk's punkt_tab, which RULER's NIAH code looks for at import and otherwise
 tries to download (a hang or an error without network). Only the essay haystacks ever split sentences with it; where
 nltk has no punkt_tab, an untrained Punkt model (no learned abbreviations, which those essay tasks would notice) is
-written to ~/.cache/nanohybrid/nltk_data and put on nltk's path, and a note says so.
+written to ~/.cache/nanohybrid/nltk_data and put on nltk's path, and a note says so. RULER makes 500 samples per
+length, one length after another, and --limit takes the first ones: for several lengths with a limit, run one length
+per call (eval.py --lm_eval does). Instruct models: add --apply_chat_template (the tokenizer folder's template).
 
     python lm_eval_nanohybrid.py --model nanohybrid --model_args ckpt=out/tiny/distill/ckpt.pt --tasks ruler_vt \\
         --metadata='{"max_seq_lengths":[512]}' --limit 4 --device cpu

@@ -198,6 +198,7 @@ def test_refusals(tiny_teacher, tmp_path, fla_on_cpu):
         with pytest.raises(ValueError, match=match):
             export.target(dict(mc, **change))
     assert export.target(dict(mc, attention_bias=True, arch="qwen2")) == "GLAForCausalLM"  # q/k/v biases are fine
+    assert export.target(dict(mc, rms_norm_eps=9.999999747378752e-06)) == "GLAForCausalLM"  # 1e-5 in a GGUF (float32)
     # an all-linear student has no softmax layer, so the attention limits do not apply
     assert export.target(dict(mc, qk_norm=True, mixers=["gla"] * 4)) == "GLAForCausalLM"
 
