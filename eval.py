@@ -11,7 +11,16 @@ the same run, and every student number has the teacher's beside it.
     on windows of --ppl_seq_len tokens of the valid split (data.py's valid.bin).
 
 Recall: the suite of recall.py (needle-in-a-haystack with one needle, several keys, values or queries; variable
-tracking; multi-query associative recall), the same prompts for every model.
+tracking; multi-query associative recall), the same prompts for every model, scored as RULER scores
+(string_match_all: the fraction of expected answers that occur in the output, case-insensitive) and, beside it, by
+whole words only (whole_word: "12345678" does not count for "1234567").
+
+lm-evaluation-harness (--lm_eval=tasks; pip install lm-eval==0.4.13 wonderwords nltk): the harness's tasks through
+lm_eval_nanohybrid.py, for every model. RULER's locally generated tasks (niah_single_1, niah_multikey_2,
+niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe) run offline at each of --lengths, --lm_eval_limit samples per length.
+
+Lengths past the teacher's max_position_embeddings (--lengths, --ppl_seq_len) are measured (RoPE extends) but test
+extrapolation: eval says so before it starts, and marks those numbers ("past max_pos") in the table and eval.json.
 
 Speed (GPU, bf16 weights; CPU only with --speed=on): the path of model.generate. Prefill of T random tokens
 (chunked GLA kernel; causal SDPA for attention), then --decode_tokens greedy steps through model.decoder (on the GPU
@@ -24,11 +33,13 @@ extends); a length that runs out of memory is marked "oom".
 Reads  the run's final checkpoints (out/<run>/finetune, else distill, plus distill_*/finetune_*) or --models=a,b;
        the teacher and data_dir named in their config (else out/<run>/data): its valid.bin.
 Writes out/<run>/eval/eval.json: settings (every flag, resolved), models (per model: mixers, ppl, kl, recall {avg,
-       by_task, by_length, by_task_length, by_depth, examples}, speed [per batch x length, with vs_teacher ratios]),
+       by_task, by_length, by_task_length, by_depth, examples, whole_word {avg, by_task, by_length, by_task_length},
+       past_max_pos}, lm_eval {task: {metric or length: value}}, speed [per batch x length, with vs_teacher ratios]),
        summary (the printed table), notes, plots; and recall.png, niah_depth.png, speed.png when matplotlib is there.
 
     python eval.py --run_name=tiny --lengths=256 --prompts=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 --speed_batch=2
-    python eval.py --run_name=smollm2                                  # one GPU: all checkpoints of the run + the teacher
+    python eval.py --run_name=smollm2                             # one GPU: all checkpoints of the run + the teacher
+    python eval.py --run_name=smollm2 --lm_eval=niah_single_1,ruler_vt --lm_eval_limit=100  # + the harness's RULER
 """
 
 import gc
@@ -46,7 +57,7 @@ import torch.nn.functional as F
 import data
 from common import autocast, inherit, kl_div_chunked, parse_args, pick_device, print_config, write_json
 from model import decoder, load_checkpoint
-from recall import FILLER, TASKS, make_prompts, recall_suite
+from recall import DEPTHS, FILLER, TASKS, make_prompts, recall_suite
 from teachers import from_pretrained
 from tokenizer import load_tokenizer
 
@@ -61,7 +72,7 @@ class Config:
     ppl_windows: int = 64           # windows of the valid split (0 = all)
     batch_size: int = 8             # windows per forward (ppl/KL); prompts per generate call (recall)
     tasks: str = ",".join(TASKS)    # recall tasks
-    lengths: str = "1024,2048,4096"  # recall prompt lengths in tokens (at most the teacher's max_position_embeddings)
+    lengths: str = "1024,2048,4096"  # recall (and RULER) lengths in tokens; past max_position_embeddings: marked
     depths: str = "0,0.25,0.5,0.75,1"  # needle depths, cycled over the n prompts of a cell
     prompts: int = 20               # prompts per task x length
     seed: int = 0                   # seed of the prompts (two runs see the same prompts)
@@ -70,6 +81,8 @@ class Config:
     speed_lengths: str = "1024,2048,4096,8192,16384,32768"  # prefill lengths for the speed/memory runs
     speed_batch: int = 8            # the larger batch of the speed runs (batch 1 always runs)
     decode_tokens: int = 64         # decode steps timed after the prefill
+    lm_eval: str = ""               # lm-evaluation-harness tasks, comma-separated ("" = none); RULER's at --lengths
+    lm_eval_limit: int = 0          # documents per lm_eval task (RULER: per length; it makes 500); 0 = all
     device: str = ""                # "" = cuda if available else cpu
 
 
@@ -240,6 +253,48 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused-cubl
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------ checks
+
+def ints(text, flag):
+    """'1024,2048' -> [1024, 2048]; a clear error for anything that is not a list of positive integers."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{flag}={text!r}: give positive integers separated by commas, e.g. 1024,2048") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--{flag}={text!r}: give at least one positive integer, e.g. --{flag}=1024,2048")
+    return values
+
+
+def check(cfg):
+    """Refuse bad flags before anything loads, naming the flag and the fix."""
+    for flag, low in (("prompts", 1), ("ppl_seq_len", 1), ("ppl_windows", 0), ("batch_size", 1), ("speed_batch", 1),
+                      ("decode_tokens", 1), ("lm_eval_limit", 0)):
+        if getattr(cfg, flag) < low:
+            raise ValueError(f"--{flag}={getattr(cfg, flag)}: must be at least {low}")
+    unknown = [t for t in cfg.tasks.split(",") if t and t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks: unknown recall task(s) {unknown}; choose from {','.join(TASKS)} "
+                         f"(or --tasks= for none; lm-evaluation-harness tasks go in --lm_eval)")
+    if cfg.tasks.strip(","):
+        ints(cfg.lengths, "lengths")
+    try:
+        depths = [float(d) for d in cfg.depths.split(",") if d.strip()]
+    except ValueError:
+        depths = []
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise ValueError(f"--depths={cfg.depths!r}: give needle depths between 0 and 1, e.g. "
+                         f"{','.join(str(d) for d in DEPTHS)}")
+    if cfg.speed not in ("auto", "on", "off"):
+        raise ValueError(f"--speed={cfg.speed!r}: choose auto, on or off")
+    ints(cfg.speed_lengths, "speed_lengths")
+    missing = [p for p in cfg.models.split(",") if p and not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"--models: {missing} do not exist (give checkpoint .pt paths, comma-separated)")
+    if cfg.haystack and not os.path.isfile(cfg.haystack):
+        raise FileNotFoundError(f"--haystack={cfg.haystack}: no such file (\"\" = RULER's filler sentences)")
+
+
 # ------------------------------------------------------------------------------------------------------ report
 
 def default_checkpoints(run_dir):
@@ -248,21 +303,31 @@ def default_checkpoints(run_dir):
     return final + sorted(glob.glob(f"{run_dir}/distill_*/ckpt.pt") + glob.glob(f"{run_dir}/finetune_*/ckpt.pt"))
 
 
-def summarize(models, batches):
-    """Rows of the printed table: {row label: {model: number or None}} (the teacher's speed numbers are absolute)."""
+def summarize(models, batches, past=()):
+    """Rows of the printed table: {row label: {model: number or None}} (the teacher's speed numbers are absolute).
+    Numbers at lengths in `past` (beyond max_position_embeddings) carry "past max_pos" in their label."""
     rows = {}
     add = lambda label, f: rows.__setitem__(label, {n: f(m) for n, m in models.items()})
+    mark = lambda L: " (past max_pos)" * (int(L) in past)
     add("softmax layers", lambda m: f"{m['mixers'].count('attn')}/{len(m['mixers'])}")
     if all(m.get("ppl") for m in models.values()):
-        add("ppl", lambda m: m["ppl"])
-        add("KL to teacher", lambda m: m["kl"])
+        first = next(iter(models.values()))
+        add("ppl" + mark(first["ppl_seq_len"]), lambda m: m["ppl"])
+        add("KL to teacher" + mark(first["ppl_seq_len"]), lambda m: m["kl"])
     if all(m.get("recall") for m in models.values()):
         first = next(iter(models.values()))["recall"]
-        add("recall avg", lambda m: m["recall"]["avg"])
+        add("recall avg" + " (incl. past max_pos)" * any(int(L) in past for L in first["by_length"]),
+            lambda m: m["recall"]["avg"])
+        add("  whole words", lambda m: m["recall"]["whole_word"]["avg"])
         for t in first["by_task"]:
             add(f"  {t}", lambda m, t=t: m["recall"]["by_task"][t])
         for L in first["by_length"]:
-            add(f"  @{L}", lambda m, L=L: m["recall"]["by_length"][L])
+            add(f"  @{L}" + mark(L), lambda m, L=L: m["recall"]["by_length"][L])
+    if all(m.get("lm_eval") for m in models.values()):
+        for t, cells in next(iter(models.values()))["lm_eval"].items():
+            for key in cells:
+                label = f"{t} @{key}{mark(key)}" if key.isdigit() else f"{t} {key}"
+                add(label, lambda m, t=t, key=key: m["lm_eval"][t][key])
     for B in batches if all(m.get("speed") for m in models.values()) else []:
         ok = [{r["length"] for r in m["speed"] if r["batch"] == B and r["status"] == "ok"} for m in models.values()]
         if not set.intersection(*ok):
@@ -353,16 +418,14 @@ def plot(models, batches, out):
 # --------------------------------------------------------------------------------------------------------- main
 
 def main(cfg):
-    print_config(cfg)
+    check(cfg)
     device = cfg.device or pick_device()
     cuda = device.startswith("cuda")
     run_dir = os.path.join(cfg.out_dir, cfg.run_name)
     out = os.path.join(run_dir, "eval")
-    os.makedirs(out, exist_ok=True)
-    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
     notes = []
 
-    # ---- what to evaluate: the checkpoints, and the teacher named in their configs
+    # ---- what to evaluate: the checkpoints, and the teacher and data named in their configs; then the config
     paths = [p for p in cfg.models.split(",") if p] or default_checkpoints(run_dir)
     names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
     names = [n if names.count(n) == 1 else os.path.relpath(os.path.dirname(p), cfg.out_dir) for n, p in zip(names, paths)]
@@ -372,31 +435,52 @@ def main(cfg):
         meta_path = os.path.join(os.path.dirname(p), "meta.json")
         meta = json.load(open(meta_path)) if os.path.exists(meta_path) else load_checkpoint(p)[1]
         inherit(cfg, meta.get("config", {}), ["teacher", "data_dir"])
-    teacher_source = cfg.teacher or "smollm2"
+    cfg.teacher = teacher_source = cfg.teacher or "smollm2"
+    cfg.data_dir = cfg.data_dir or os.path.join(run_dir, "data")
+    ruler, other = [], []
+    if cfg.lm_eval:
+        try:
+            import lm_eval_nanohybrid as harness
+        except ImportError as e:
+            raise ImportError(f"--lm_eval needs lm-evaluation-harness: pip install lm-eval==0.4.13 wonderwords nltk "
+                              f"({e})") from e
+        ruler, other = harness.split_tasks(cfg.lm_eval)
+    print_config(cfg)
     print(f"evaluating: teacher ({teacher_source})" + "".join(f", {n} ({p})" for n, p in zip(names, paths)))
+    os.makedirs(out, exist_ok=True)
 
     # ---- load: the teacher (fp32; bf16 autocast on the GPU, as the stages train), its tokenizer, the valid split
     teacher = from_pretrained(cfg.teacher, device=device).eval()
     tok = load_tokenizer(cfg.teacher)
     max_pos = teacher.config.max_position_embeddings
-    data_dir = cfg.data_dir or os.path.join(run_dir, "data")
     valid = None
-    if os.path.exists(os.path.join(data_dir, "meta.json")):
-        data.check_tokenizer(data.load_meta(data_dir), tok, data_dir)
-        valid = data.load_tokens(data_dir, "valid")
+    if os.path.exists(os.path.join(cfg.data_dir, "meta.json")):
+        data.check_tokenizer(data.load_meta(cfg.data_dir), tok, cfg.data_dir)
+        valid = data.load_tokens(cfg.data_dir, "valid")
     else:
-        notes.append(f"no token data in {data_dir}: no perplexity or KL (run data.py, or pass --data_dir)")
+        notes.append(f"no token data in {cfg.data_dir}: no perplexity or KL (run data.py, or pass --data_dir)")
+
+    # ---- lengths past max_position_embeddings: measured (RoPE extends), said now and marked in table and json
+    tasks = [t for t in cfg.tasks.split(",") if t]
+    lengths = ints(cfg.lengths, "lengths") if tasks or ruler else []
+    past = sorted({L for L in lengths if L > max_pos} | ({cfg.ppl_seq_len} if cfg.ppl_seq_len > max_pos and
+                                                          valid is not None else set()))
+    if past:
+        notes.append(f"lengths {past} are past the teacher's max_position_embeddings={max_pos}: the models run there "
+                     f"with RoPE extended, so those numbers test extrapolation (marked 'past max_pos')")
+        print(f"note: {notes[-1]}", flush=True)
 
     # ---- recall prompts, made once: every model sees exactly the same ones
-    tasks = [t for t in cfg.tasks.split(",") if t]
-    lengths = ints(cfg.lengths)
-    if max(lengths, default=0) > max_pos:
-        notes.append(f"recall lengths above max_position_embeddings={max_pos} test extrapolation (RoPE extended)")
     depths = [float(d) for d in cfg.depths.split(",")]
     t0 = time.time()
     prompts = {(t, L): make_prompts(t, tok, L, cfg.prompts, cfg.seed, depths, cfg.haystack) for t in tasks for L in lengths}
     print(f"recall prompts: {len(tasks)} tasks x {len(lengths)} lengths x {cfg.prompts} ({time.time() - t0:.1f}s; "
           f"chat format: {tok.is_chat})")
+    hf_tok = None
+    if ruler or other:
+        hf_tok = harness.hf_tokenizer_dir(teacher_source)
+        note = harness.punkt_offline() if ruler else None
+        notes += [note] if note else []
 
     # ---- quality: the teacher first, then each student (the teacher stays loaded for the KL)
     models = {}
@@ -407,10 +491,15 @@ def main(cfg):
         if valid is not None:
             t0 = time.time()
             r["ppl"], r["kl"], r["ppl_tokens"] = quality(model, teacher, valid, cfg, device)
+            r["ppl_seq_len"], r["ppl_past_max_pos"] = cfg.ppl_seq_len, cfg.ppl_seq_len > max_pos
             print(f"{name} | ppl {r['ppl']:.3f} | KL {r['kl']:.4f} | {r['ppl_tokens']:,} tokens | "
                   f"{time.time() - t0:.1f}s", flush=True)
         if prompts:
             r["recall"] = recall_suite(name, model, tok, prompts, device, cfg.batch_size)
+            r["recall"]["past_max_pos"] = [str(L) for L in lengths if L > max_pos]
+        if ruler or other:
+            r["lm_eval"] = harness.evaluate_tasks(name, model, tok, hf_tok, ruler, other, lengths, cfg.batch_size,
+                                                  cfg.lm_eval_limit, device)
         if path is not None:
             del model
             free(cuda)
@@ -418,7 +507,7 @@ def main(cfg):
     # ---- speed and memory: one model at a time, bf16 weights on the GPU (fp32 state for GLA, as new_cache makes it)
     speed = cfg.speed == "on" or (cfg.speed == "auto" and cuda)
     batches = sorted({1, cfg.speed_batch})
-    speed_lengths = ints(cfg.speed_lengths)
+    speed_lengths = ints(cfg.speed_lengths, "speed_lengths")
     if not speed:
         notes.append(f"speed/memory not measured (--speed={cfg.speed} on {device})"
                      + ("; --speed=on measures them" if cuda else "; use a GPU, or --speed=on on the CPU"))
@@ -444,19 +533,21 @@ def main(cfg):
                                    peak_ratio=r["peak_decode_bytes"] / t["peak_decode_bytes"] if cuda else None)
 
     # ---- report: table, eval.json, plots
-    summary = summarize(models, batches)
+    summary = summarize(models, batches, past)
     print_table(summary, list(models))
     for note in notes:
         print(f"note: {note}")
     settings = dict(asdict(cfg), teacher_source=teacher_source, models={n: p for n, p in zip(names, paths)},
                     device=device, gpu=torch.cuda.get_device_name() if cuda else None, torch=torch.__version__,
                     tasks=tasks, lengths=lengths, depths=depths, chat_format=tok.is_chat, haystack_text=cfg.haystack
-                    or FILLER, max_position_embeddings=max_pos, data_dir=data_dir, speed_run=speed,
+                    or FILLER, max_position_embeddings=max_pos, past_max_pos=past, speed_run=speed,
+                    lm_eval_tasks=ruler + other, hf_tokenizer=hf_tok,
                     speed_lengths=speed_lengths, speed_batches=batches,
                     precision=("fp32 weights + bf16 autocast (quality, recall); bf16 weights, fp32 GLA state (speed)"
                                if cuda else "fp32"),
-                    scoring="fraction of the expected answers found as whole words in the greedy output (RULER "
-                            "string_match_all); recall avg = mean over the task x length cells")
+                    scoring="recall: fraction of the expected answers found in the greedy output as case-insensitive "
+                            "substrings (RULER's string_match_all); whole_word: the same counting whole words only; "
+                            "avg = mean over the task x length cells")
     report = dict(settings=settings, models=models, summary=summary, notes=notes)
     report["plots"] = plot(models, batches, out)
     write_json(os.path.join(out, "eval.json"), report)

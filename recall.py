@@ -2,8 +2,12 @@
 The synthetic long-context recall suite of eval.py (and of select_layers.py's ablation method): RULER-style prompts
 generated here with the teacher's tokenizer, so no download, and the same prompts for every model. Each prompt is
 trimmed by tokens to the requested length (template and chat format included), the model answers greedily after an
-answer prefix, and a prompt scores the fraction of its expected answers found in the output as whole words (RULER's
-string_match_all: 0 or 1 for one-answer tasks, k/4 for four-answer ones).
+answer prefix, and a prompt scores the fraction of its expected answers found in the output, two ways:
+
+    string_match_all  RULER's score: answer a counts when a.lower() is a substring of output.lower() (0 or 1 for
+                      one-answer tasks, k/4 for four-answer ones); "12345678" counts for the answer "1234567"
+    whole_word        the same fraction, but an answer counts only as a whole word ("12345678" does not count)
+The headline number (acc, avg) is string_match_all, so it compares with RULER's; whole_word is reported beside it.
     niah_single      "One of the special magic numbers for <key> is: <7 digits>." in a haystack
     niah_multikey    the same with 3 distractor needles of other keys
     niah_multivalue  4 numbers for one key, all asked
@@ -177,24 +181,33 @@ def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
 
 # ------------------------------------------------------------------------------------------------------ scoring
 
-def answer_score(output, answers):
-    """Fraction of answers found in output as whole words (case and whitespace normalised)."""
+def string_match_all(output, answers):
+    """RULER's score of one output: the fraction of answers that occur in it, case-insensitive substrings."""
+    return sum(a.lower() in output.lower() for a in answers) / len(answers)
+
+
+def whole_word(output, answers):
+    """The fraction of answers found in output as whole words (case and whitespace normalised): stricter than
+    RULER, a longer number or word that contains the answer does not count."""
     text = " ".join(output.lower().split())
     found = [re.search(rf"(?<![0-9a-z]){re.escape(' '.join(a.lower().split()))}(?![0-9a-z])", text) for a in answers]
     return sum(f is not None for f in found) / len(answers)
 
 
 def score_task(generate_fn, prompts):
-    """generate_fn(list of prompt dicts) -> list of output strings; returns {acc, scores, outputs, by_depth}."""
+    """generate_fn(list of prompt dicts) -> list of output strings; returns {acc, whole_word, scores, outputs,
+    by_depth}: acc and by_depth are RULER's string_match_all, whole_word the whole-word mean."""
     outputs = generate_fn(prompts)
-    scores = [answer_score(o, p["answers"]) for o, p in zip(outputs, prompts)]
+    scores = [string_match_all(o, p["answers"]) for o, p in zip(outputs, prompts)]
     by_depth = {str(d): mean([s for p, s in zip(prompts, scores) if p["depth"] == d])
                 for d in sorted({p["depth"] for p in prompts})}
-    return dict(acc=mean(scores), scores=scores, outputs=outputs, by_depth=by_depth)
+    return dict(acc=mean(scores), whole_word=mean([whole_word(o, p["answers"]) for o, p in zip(outputs, prompts)]),
+                scores=scores, outputs=outputs, by_depth=by_depth)
 
 
-def make_generate_fn(model, tok, device, batch_size=8):
-    """The greedy answers of `model`: prompts of equal token length share a generate call (no padding needed)."""
+def make_generate_fn(model, tok, device, batch_size=8, progress=None):
+    """The greedy answers of `model`: prompts of equal token length share a generate call (no padding needed).
+    progress(n) is called after each generate call with the number of prompts it answered."""
     # a chat model ends its turn with its end-of-turn token (Llama-3's <|eot_id|>), which need not be eos_id
     stops = getattr(tok, "stop_ids", None) or [tok.eos_id]
 
@@ -219,6 +232,8 @@ def make_generate_fn(model, tok, device, batch_size=8):
                     row = row[:budget[i]]
                     end = min([row.index(t) for t in stops if t in row], default=len(row))
                     outputs[i] = tok.decode(row[:end])
+                if progress is not None:
+                    progress(len(rows))
         return outputs
     return generate_fn
 
@@ -229,12 +244,30 @@ def recall_accuracy(model, tok, task="mqar", length=512, n=20, seed=0, device="c
     return score_task(make_generate_fn(model, tok, device), prompts)["acc"]
 
 
+class Progress:
+    """Work done of N with elapsed time and eta, printed at most every `every` seconds (and at the end): a recall run
+    on a busy CPU takes many minutes, and a person waiting must see that it moves. Call it with each batch's count."""
+
+    def __init__(self, label, total, unit="", every=10.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.done, self.t0, self.last = 0, time.time(), time.time()
+
+    def __call__(self, n):
+        self.done += n
+        now = time.time()
+        if self.total and (now - self.last >= self.every or self.done == self.total):
+            self.last, elapsed = now, now - self.t0
+            eta = elapsed / self.done * (self.total - self.done)
+            print(f"{self.label} {self.done}/{self.total}{' ' + self.unit if self.unit else ''} | {elapsed:.0f}s | "
+                  f"eta {eta:.0f}s", flush=True)
+
+
 def recall_suite(name, model, tok, prompts, device, batch_size):
     """Scores of one model on every (task, length) cell of prompts, with the means the table and plots show. The
     prompts of one length go through generate together, whatever their task: decoding steps cost the same for a
-    batch of 8 or 64 rows, so fewer, fuller calls are the fast way."""
-    gen = make_generate_fn(model, tok, device, batch_size)
-    cells, by_depth, examples = {}, {}, {}
+    batch of 8 or 64 rows, so fewer, fuller calls are the fast way. Prints progress (prompts done, eta) as it goes."""
+    gen = make_generate_fn(model, tok, device, batch_size, Progress(f"{name} | recall", sum(len(p) for p in prompts.values()), "prompts"))
+    cells, words, by_depth, examples = {}, {}, {}, {}
     for L in sorted({L for _, L in prompts}):
         t0 = time.time()
         keys = [key for key in prompts if key[1] == L]
@@ -243,12 +276,14 @@ def recall_suite(name, model, tok, prompts, device, batch_size):
             ps = prompts[(task, L)]
             s = score_task(lambda ps: [next(outputs) for _ in ps], ps)
             cells.setdefault(task, {})[str(L)] = s["acc"]
+            words.setdefault(task, {})[str(L)] = s["whole_word"]
             by_depth.setdefault(task, {})[str(L)] = s["by_depth"]
             examples.setdefault(task, {})[str(L)] = dict(answers=ps[0]["answers"], output=s["outputs"][0])
         print(f"{name} | recall @ {L} | " + " | ".join(f"{t} {cells[t][str(L)]:.3f}" for t, _ in keys)
               + f" | {time.time() - t0:.1f}s", flush=True)
     lengths = list(next(iter(cells.values())))
-    return dict(avg=mean([a for c in cells.values() for a in c.values()]),
-                by_task={t: mean(list(c.values())) for t, c in cells.items()},
-                by_length={L: mean([c[L] for c in cells.values()]) for L in lengths},
-                by_task_length=cells, by_depth=by_depth, examples=examples)
+    means = lambda c: dict(avg=mean([a for x in c.values() for a in x.values()]),
+                           by_task={t: mean(list(x.values())) for t, x in c.items()},
+                           by_length={L: mean([x[L] for x in c.values()]) for L in lengths})
+    return dict(**means(cells), by_task_length=cells, by_depth=by_depth, examples=examples,
+                whole_word=dict(**means(words), by_task_length=words))

@@ -109,9 +109,14 @@ def test_scoring_oracle_random_partial(tok):
         s = recall.score_task(oracle, prompts)
         assert s["acc"] == 1.0 and set(s["by_depth"]) == {str(d) for d in recall.DEPTHS}, task
         assert recall.score_task(noise, prompts)["acc"] <= 0.1, task
-    assert recall.answer_score("The numbers are 1234 and  99.", ["1234", "5678"]) == 0.5
-    assert recall.answer_score("12345", ["1234"]) == 0.0  # whole words only
-    assert recall.answer_score(" abcde, FGHIJ", ["ABCDE", "FGHIJ"]) == 1.0
+    for score in (recall.string_match_all, recall.whole_word):
+        assert score("The numbers are 1234 and  99.", ["1234", "5678"]) == 0.5
+        assert score(" abcde, FGHIJ", ["ABCDE", "FGHIJ"]) == 1.0
+    # RULER's string_match_all is a substring test; whole_word is not
+    assert recall.string_match_all("12345678", ["1234567"]) == 1.0
+    assert recall.whole_word("12345678", ["1234567"]) == 0.0
+    s = recall.score_task(lambda ps: ["It is 12345678."] * len(ps), [dict(answers=["1234567"], depth=0.0)])
+    assert (s["acc"], s["whole_word"]) == (1.0, 0.0)
 
 
 def test_recall_accuracy_on_tiny_model(teacher, tok):
@@ -120,7 +125,7 @@ def test_recall_accuracy_on_tiny_model(teacher, tok):
     assert isinstance(acc, float) and 0.0 <= acc <= 0.5
 
 
-def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
+def test_main_end_to_end(teacher, tiny_corpus, tmp_path, capsys):
     out = str(tmp_path)
     data.main(data.Config(run_name="tiny", out_dir=out, data=tiny_corpus, teacher=teacher))
     # two hybrids of the random teacher saved as a run's distill stages (the default checkpoints eval finds)
@@ -130,14 +135,23 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
             student.set_mixer(i, M.GLA(student.config), "gla")
         M.save_checkpoint(os.path.join(out, "tiny", folder, "ckpt.pt"), student, stage="distill",
                           config={"teacher": teacher}, parent=None, metrics={}, tokenizer=teacher)
-    cfg = ev.Config(run_name="tiny", out_dir=out, lengths="256,384", prompts=2, ppl_seq_len=64, ppl_windows=4, batch_size=2,
+    # 576 is past the tiny teacher's max_position_embeddings (512): measured, said first, marked
+    cfg = ev.Config(run_name="tiny", out_dir=out, lengths="256,576", prompts=2, ppl_seq_len=64, ppl_windows=4, batch_size=2,
                     speed="on", speed_lengths="32,64", speed_batch=2, decode_tokens=4, device="cpu")
     report = ev.main(cfg)
+    printed = capsys.readouterr().out
+
+    # the config is printed resolved (teacher and data_dir inherited), the extrapolation note before any work
+    config = printed[printed.index("config (eval):"):printed.index("evaluating:")]
+    assert f"teacher = {teacher!r}" in config and f"data_dir = {os.path.join(out, 'tiny', 'data')!r}" in config
+    assert printed.index("past the teacher's max_position_embeddings=512") < printed.index("recall prompts")
+    assert "teacher | recall 24/24 prompts" in printed  # progress counts the prompts of each model
 
     with open(os.path.join(out, "tiny", "eval", "eval.json")) as f:
         saved = json.load(f)
     assert set(saved) == {"settings", "models", "summary", "notes", "plots"}
-    assert saved["settings"]["teacher_source"] == teacher and saved["settings"]["lengths"] == [256, 384]
+    assert saved["settings"]["teacher_source"] == teacher and saved["settings"]["lengths"] == [256, 576]
+    assert saved["settings"]["past_max_pos"] == [576]
     assert list(saved["models"]) == ["teacher", "distill", "distill_uniform"]
     assert saved["models"] == json.loads(json.dumps(report["models"]))
     t, s = saved["models"]["teacher"], saved["models"]["distill"]
@@ -145,9 +159,10 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
     assert s["mixers"] == ["attn", "gla", "gla", "gla"]
     for m in saved["models"].values():
         r = m["recall"]
-        assert set(r) == {"avg", "by_task", "by_length", "by_task_length", "by_depth", "examples"}
-        assert set(r["by_task"]) == set(recall.TASKS) and set(r["by_length"]) == {"256", "384"}
-        assert 0.0 <= r["avg"] <= 1.0
+        assert set(r) == {"avg", "by_task", "by_length", "by_task_length", "by_depth", "examples", "whole_word",
+                          "past_max_pos"}
+        assert set(r["by_task"]) == set(recall.TASKS) and set(r["by_length"]) == {"256", "576"}
+        assert r["past_max_pos"] == ["576"] and 0.0 <= r["whole_word"]["avg"] <= r["avg"] <= 1.0
         assert len(m["speed"]) == 4 and all(x["status"] == "ok" for x in m["speed"])
     # the cache: KV buffers only for softmax layers, a fixed fp32 state [B, H, K, V] for each GLA layer
     for r in s["speed"]:
@@ -155,7 +170,9 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path):
         assert r["gla_state_bytes"] == 3 * B * 4 * 16 * 16 * 4
         assert r["kv_bytes"] == 1 * 2 * B * 2 * T * 16 * 4
         assert r["vs_teacher"]["cache_ratio"] < 1
-    assert "ppl" in saved["summary"] and "recall avg" in saved["summary"]
+    assert "ppl" in saved["summary"] and "  whole words" in saved["summary"]
+    assert "  @576 (past max_pos)" in saved["summary"] and "  @256" in saved["summary"]
+    assert any("past the teacher's max_position_embeddings" in n for n in saved["notes"])
     assert any(k.startswith("decode tok/s B=2") for k in saved["summary"])
     assert any("CPU" in n for n in saved["notes"])
 
@@ -176,3 +193,34 @@ def test_each_prompt_is_cut_at_its_own_budget(monkeypatch):
     alone = recall.make_generate_fn(None, tok, "cpu", batch_size=1)([short, long_])
     together = recall.make_generate_fn(None, tok, "cpu", batch_size=2)([short, long_])
     assert alone == together and "42" not in together[0] and "42" in together[1]
+
+
+@pytest.mark.parametrize("flags,error", [
+    (dict(prompts=0), "--prompts=0: must be at least 1"), (dict(lengths=""), "--lengths=''"),
+    (dict(lengths="1k"), "positive integers"), (dict(tasks="niah_single,ruler"), r"unknown recall task.*'ruler'"),
+    (dict(depths="0,2"), "between 0 and 1"), (dict(speed="yes"), "auto, on or off"),
+    (dict(batch_size=0), "--batch_size=0"), (dict(models="nowhere/ckpt.pt"), "do not exist")])
+def test_bad_flags_are_clear_errors(tmp_path, flags, error):
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        ev.main(ev.Config(run_name="x", out_dir=str(tmp_path), device="cpu", **flags))
+    assert not os.path.exists(tmp_path / "x")  # refused before anything ran or was written
+
+
+def test_lm_eval_ruler_in_the_table(teacher, tmp_path, monkeypatch):
+    """--lm_eval runs the harness's RULER tasks for each model at each length, into eval.json and the table."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("wonderwords")
+    import lm_eval_nanohybrid
+    monkeypatch.setattr(lm_eval_nanohybrid, "CACHE", str(tmp_path / "cache"))
+    import lm_eval.tasks
+    real = lm_eval.tasks.TaskManager
+    with monkeypatch.context() as m:  # the index of all the harness's tasks (half a minute here) reduced to two
+        m.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None, include_defaults=True, **kw: real(
+            include_path=include_path or lm_eval_nanohybrid.ruler_folder(), include_defaults=False, **kw))
+        with pytest.raises(ValueError, match=r"unknown task\(s\) \['nosuch'\]"):
+            ev.main(ev.Config(run_name="t", out_dir=str(tmp_path), teacher=teacher, tasks="",
+                              lm_eval="niah_single_1,nosuch", device="cpu"))
+    report = ev.main(ev.Config(run_name="t", out_dir=str(tmp_path), teacher=teacher, tasks="", lengths="512",
+                               lm_eval="niah_single_1", lm_eval_limit=1, speed="off", device="cpu"))
+    assert 0.0 <= report["models"]["teacher"]["lm_eval"]["niah_single_1"]["512"] <= 1.0
+    assert "niah_single_1 @512" in report["summary"]
