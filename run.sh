@@ -137,4 +137,6 @@ echo
 echo "======== time per stage ($PRESET preset)"
 printf '  %s\n' "${TIMES[@]}"
 echo "  total              $(printf '%6d' "$SECONDS")s"
-echo "results: $RUN_DIR/eval/eval.json, scores: $RUN_DIR/score/scores.json, selection: $RUN_DIR/select/selection.json"
+echo "results: $RUN_DIR/eval/eval.json (the table above), plots: $RUN_DIR/eval/*.png, scores: $RUN_DIR/score/scores.json,"
+echo "         selection: $RUN_DIR/select/selection.json, hybrid: $RUN_DIR/finetune/ckpt.pt"
+echo "export the hybrid to a Hugging Face folder: python export.py --run_name=$RUN --out_dir=$OUT_DIR"
