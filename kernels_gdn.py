@@ -69,7 +69,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET, SHAPES, _bench_shapes, _cast, _dot, chunk_gla
+from kernels import INTERPRET, _bench_shapes, _cast, _dot, chunk_gla  # _bench_shapes: rows of kernels.SHAPES
 
 BT = 64  # chunk length (method.md)
 MAX_HEAD = 128  # largest K and V the Triton path takes
