@@ -80,6 +80,18 @@ def test_gdn_init_is_flas():
         "g_proj.weight", "o_norm.weight", "o_proj.weight"}
 
 
+def test_new_gate_projections_keep_pytorchs_init():
+    """GLA's gk_proj/g_proj and GDN's a/b/g_proj keep nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    (the official hybrid-distillation layers do; transfer.py overwrites only q/k/v/o)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(["gla"])
+    gla, gdn = GLA(cfg), GDN(cfg)
+    for lin in (gla.gk_proj[0], gla.gk_proj[1], gla.g_proj, gdn.a_proj, gdn.b_proj, gdn.g_proj):
+        bound = lin.in_features ** -0.5
+        assert lin.weight.abs().max() <= bound and lin.weight.std() > 0.8 * bound / math.sqrt(3)
+    assert gla.gk_proj[1].bias.abs().max() <= 16 ** -0.5 and gla.gk_proj[1].bias.abs().min() > 0
+
+
 def test_cached_decoding_equals_recompute():
     m = hybrid(("attn", "gdn", "gla", "gdn"))
     idx = tokens(2, 9)
