@@ -588,7 +588,7 @@ def main(argv):
                 row[f"ratio_{s}"] = row[f"ours_{s}"] / row[f"fla_{s}"]
         row["floor_fwd"] = 5 * B * T * H * D * 2 / bw * 1e3  # q, k, v, g read + o written, bf16
         rows.append(row)
-        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c, 'n/a'):>9}"
+        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}"
                        for c in cols), flush=True)
     if cfg.json:
         with open(cfg.json, "w") as f:

@@ -731,7 +731,7 @@ def main(argv):
             row["vs_gla_fb"] = row["ours_fb"] / row["gla_fb"]
         row["floor_fwd"] = (4 * D * 2 + 8) * B * T * H / bw * 1e3  # q, k, v read + o written (bf16), g, beta fp32
         rows.append(row)
-        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c, 'n/a'):>9}"
+        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}"
                        for c in cols), flush=True)
     if cfg.json:
         with open(cfg.json, "w") as f:

@@ -80,6 +80,15 @@ def test_gdn_init_is_flas():
         "g_proj.weight", "o_norm.weight", "o_proj.weight"}
 
 
+@pytest.mark.filterwarnings("ignore")  # fla warns that use_short_conv=False is unusual: the paper's choice here
+def test_gdn_weights_load_into_flas_layer():
+    """The export to flash-linear-attention is a rename-free copy: fla's GatedDeltaNet takes GDN's state dict."""
+    fla_layers = pytest.importorskip("fla.layers")
+    theirs = fla_layers.GatedDeltaNet(hidden_size=64, expand_v=1, head_dim=16, num_heads=4, use_short_conv=False,
+                                      use_gate=True)
+    theirs.load_state_dict(GDN(tiny_config(["gdn"])).state_dict(), strict=True)
+
+
 def test_new_gate_projections_keep_pytorchs_init():
     """GLA's gk_proj/g_proj and GDN's a/b/g_proj keep nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     (the official hybrid-distillation layers do; transfer.py overwrites only q/k/v/o)."""

@@ -150,6 +150,15 @@ def test_recurrence_is_the_delta_rule():
     assert torch.allclose((k1[..., None, :] @ S1)[..., 0, :], v1, atol=1e-12)
 
 
+def test_recurrence_matches_flas_reference():
+    """The interface convention (state [K, V], scale, g and beta per head) is fla's: its naive recurrence agrees."""
+    naive = pytest.importorskip("fla.ops.gated_delta_rule.naive").naive_recurrent_gated_delta_rule
+    (q, k, v, g, beta), h, _, _ = make(50, 16, 24, "model", "rand", True, torch.float32, B=2, H=3)
+    o, ht = kernels_gdn.gdn_recurrent_ref(q, k, v, g, beta, initial_state=h, output_final_state=True)
+    o_fla, ht_fla = naive(q, k, v, beta, g, initial_state=h, output_final_state=True)  # note: beta before g
+    assert (o - o_fla).abs().max() < 1e-5 and (ht - ht_fla).abs().max() < 1e-5
+
+
 @needs_triton
 def test_triton_refuses_big_heads_before_compiling(monkeypatch):
     def launched(*args):
