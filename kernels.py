@@ -50,9 +50,11 @@ rounding, noise of size |q k dA| where under strong decay the true dg is exp(-20
     dg_t = sum_{i>=t} q_i (dq_i - dA_ii k_i) - sum_{j>=t} k_j (dk_j^intra - dA_jj q_j) + sum_{j<t} k_j dk_j^inter
            + exp(b_L) * rowsum(S * dS)
 
-Inside the kernels exponents are base 2 (g * log2 e, then exp2). On CUDA tensors chunk_gla runs Triton; on CPU it runs
-chunk_gla_torch (the same three steps in PyTorch, autograd for the backward) unless TRITON_INTERPRET=1 was set before
-triton was first imported: then the Triton kernels run in the interpreter (that is how CI tests them).
+Inside the kernels exponents are base 2 (g * log2 e, then exp2), and head sizes are powers of two >= 16: chunk_gla
+zero-pads other sizes up to 128 (q = k = 0 and g = 0 on the extra key channels, v = 0 on the extra value columns: they
+add nothing) and cuts the padding off again. On CUDA tensors chunk_gla runs Triton; on CPU it runs chunk_gla_torch (the
+same three steps in PyTorch, autograd for the backward) unless TRITON_INTERPRET=1 was set before triton was first
+imported: then the Triton kernels run in the interpreter (that is how CI tests them).
 
     python -m pytest -q tests/test_kernels.py             # CPU: PyTorch path + Triton interpreter (child process)
     python kernels.py --shapes=small --fla=false          # GPU benchmark: ms of ours, fla, SDPA; --json=path
@@ -113,10 +115,7 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
     # 1e-4 of them), and autograd's dg adds and subtracts every exp(b_i - b_j) term, exp(0) = 1 on the diagonal.
     b = chunks(g).double().cumsum(-2)  # [B, H, NT, BT, K]
     bL = b[..., -1:, :]
-
-    def ex(x):
-        return x.exp().float()
-
+    ex = lambda x: x.exp().float()  # noqa: E731
     # 1. each chunk's own contribution to the state it leaves
     X = (k * ex(bL - b)).transpose(-1, -2) @ v  # [B, H, NT, K, V]
     # 2. the sequential pass over chunks
@@ -490,18 +489,23 @@ class ChunkGLAFunction(torch.autograd.Function):
 # Triton kernels apart ("loop-carried variable ... fp32 re-assigned to fp64" in _chunk_output_kernel).
 @torch.compiler.disable
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
-    """GLA over a sequence. q, k, g [B, T, H, K]; v [B, T, H, V]; g = log-decay (<= 0); K, V in {16, 32, 64, 128};
-    initial_state fp32 [B, H, K, V] or None. Returns (o [B, T, H, V] in the input dtype, final state fp32 or None).
-    Differentiable in q, k, v, g and initial_state. CUDA -> Triton, CPU -> PyTorch (Triton if INTERPRET)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    """GLA over a sequence. q, k, g [B, T, H, K]; v [B, T, H, V]; g = log-decay (<= 0); initial_state fp32
+    [B, H, K, V] or None. Returns (o [B, T, H, V] in the input dtype, final state fp32 or None). Differentiable in q,
+    k, v, g and initial_state. CUDA -> Triton (K, V <= 128), CPU -> PyTorch (Triton if INTERPRET)."""
+    K, V = q.shape[-1], v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
     if not (q.is_cuda or INTERPRET):
         return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state)
-    dtype = q.dtype
-    # bf16 and fp32 run as they are; fp16 runs in fp32 (a state in fp16 overflows)
-    cdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    if not (1 <= K <= 128 and 1 <= V <= 128):  # at 256 the backward needs more shared memory than an H100 has
+        raise ValueError(f"chunk_gla (Triton) takes head sizes K, V from 1 to 128 (zero-padded to 16, 32, 64 or 128), "
+                         f"got K={K}, V={V}")
+    cdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32  # fp16 runs in fp32 (its state overflows)
+    pk, pv = max(16, triton.next_power_of_2(K)) - K, max(16, triton.next_power_of_2(V)) - V  # zero padding (docstring)
+    pad = lambda x, p: F.pad(x, p) if any(p) and x is not None else x  # noqa: E731
     h0 = None if initial_state is None else initial_state.float()
-    o, ht = ChunkGLAFunction.apply(q.to(cdt), k.to(cdt), v.to(cdt), g, scale, h0)
-    return o.to(dtype), (ht if output_final_state else None)
+    o, ht = ChunkGLAFunction.apply(pad(q.to(cdt), (0, pk)), pad(k.to(cdt), (0, pk)), pad(v.to(cdt), (0, pv)),
+                                   pad(g, (0, pk)), scale, pad(h0, (0, pv, 0, pk)))
+    return o[..., :V].to(q.dtype), (ht[:, :, :K, :V] if output_final_state else None)
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -519,10 +523,8 @@ class BenchConfig:
 
 def _bench_shapes(spec):
     """--shapes: "all" = all of SHAPES, "small" = the first four, "4,5,6" = those indices."""
-    if spec == "all":
-        return SHAPES
-    if spec == "small":
-        return SHAPES[:4]
+    if spec in ("all", "small"):
+        return SHAPES if spec == "all" else SHAPES[:4]
     idx = [int(s) if s.isdecimal() else -1 for s in spec.split(",")]
     if not all(0 <= i < len(SHAPES) for i in idx):
         raise SystemExit(f"--shapes={spec}: expected 'all', 'small' or comma-separated indices into SHAPES, each in "
@@ -557,8 +559,7 @@ def main(argv):
         except ImportError:
             print("flash-linear-attention not importable: its columns are n/a")
     from triton.testing import do_bench
-    src = torch.empty(2 ** 28, device="cuda", dtype=torch.float32)
-    dst = torch.empty_like(src)
+    src, dst = (torch.empty(2 ** 28, device="cuda", dtype=torch.float32) for _ in range(2))
     bw = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)  # bytes/s, copy
     del src, dst
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -587,7 +588,7 @@ def main(argv):
                 row[f"ratio_{s}"] = row[f"ours_{s}"] / row[f"fla_{s}"]
         row["floor_fwd"] = 5 * B * T * H * D * 2 / bw * 1e3  # q, k, v, g read + o written, bf16
         rows.append(row)
-        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c, 'n/a'):>9}"
+        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}"
                        for c in cols), flush=True)
     if cfg.json:
         with open(cfg.json, "w") as f:

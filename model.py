@@ -15,6 +15,11 @@ A *hybrid* keeps the teacher's embeddings, MLPs, norms and head, and in every la
             Decoding carries S (H * K * V numbers per layer), so memory stays O(1) per generated token.
             Training runs the chunked form of the same recurrence (kernels.chunk_gla); decoding runs one
             step of it (kernels.gla_step).
+    "gdn":  Gated DeltaNet (method.md), the paper's main student: q, k = l2norm(SiLU(W x)), v = SiLU(W_v x), a
+            write strength beta_t = sigmoid(W_b x_t) and a decay g_t = -exp(A_log) softplus(W_a x_t + dt_bias)
+            per head; S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T replaces the value stored
+            under k_t where GLA only adds. Same output norm and gate, same O(1) state; kernels_gdn.chunk_gdn and
+            kernels_gdn.gdn_step.
 
 config.mixers lists the mixer of every layer. The teacher is the all-"attn" model.
 
@@ -50,6 +55,7 @@ from common import atomic_write, write_json
 from kernels import chunk_gla, gla_step
 from kernels_decode import (GEMV_ROWS, attend, gla_decode, norm_linear, rms_norm, rope_cache_write, swiglu,
                             swiglu_linear)
+from kernels_gdn import chunk_gdn, gdn_step
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -73,7 +79,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False            # q/k/v biases (qwen2; llama/qwen3 configs that set it have o_proj bias too)
     qk_norm: bool = False                   # qwen3's per-head RMSNorm on q and k
-    mixers: list = field(default_factory=list)  # per layer "attn" | "gla"; empty means all "attn"
+    mixers: list = field(default_factory=list)  # per layer "attn" | "gla" | "gdn"; empty means all "attn"
     gla_gate_rank: int = 16                 # rank of the GLA decay projection
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -82,8 +88,8 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"unsupported arch {self.arch!r}; supported: {list(ARCHS)}")
         self.mixers = list(self.mixers) or ["attn"] * self.num_hidden_layers
-        if len(self.mixers) != self.num_hidden_layers or set(self.mixers) - {"attn", "gla"}:
-            raise ValueError(f"mixers must list 'attn' or 'gla' for each of {self.num_hidden_layers} layers, "
+        if len(self.mixers) != self.num_hidden_layers or set(self.mixers) - {"attn", "gla", "gdn"}:
+            raise ValueError(f"mixers must list 'attn', 'gla' or 'gdn' for each of {self.num_hidden_layers} layers, "
                              f"got {self.mixers}")
 
 
@@ -181,13 +187,10 @@ class GLA(nn.Module):
         self.gk_proj = nn.Sequential(nn.Linear(D, config.gla_gate_rank, bias=False),
                                      nn.Linear(config.gla_gate_rank, H * K, bias=True))
         self.g_norm = RMSNorm(K, eps=1e-5)
-        self.o_proj = nn.Linear(H * K, D, bias=False)
-        # fla's init for new GLA layers; transfer.py then overwrites q/k/v/o with the teacher's.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, gain=2 ** -2.5)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        # o_proj has the teacher's bias where its attention has one (llama configs with attention_bias; not qwen2).
+        self.o_proj = nn.Linear(H * K, D, bias=config.attention_bias and config.arch != "qwen2")
+        # PyTorch's default Linear init, as the official hybrid-distillation layers keep it for the new gate
+        # projections (gk_proj, g_proj); transfer.py overwrites q/k/v/o with the teacher's.
 
     def forward(self, x, cos=None, sin=None, cache=None):
         B, T, _ = x.shape
@@ -210,6 +213,57 @@ class GLA(nn.Module):
         return self.o_proj(o.reshape(B, T, self.H * self.K))
 
 
+class GDN(nn.Module):
+    """Gated DeltaNet (method.md, "The second student mixer"). Parameter names are flash-linear-attention's
+    GatedDeltaNet (expand_v=1, use_short_conv=False, use_gate=True): its weights copy into fla by name."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, H, K = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.H, self.K = H, K
+        self.q_proj = nn.Linear(D, H * K, bias=False)
+        self.k_proj = nn.Linear(D, H * K, bias=False)
+        self.v_proj = nn.Linear(D, H * K, bias=False)
+        self.a_proj = nn.Linear(D, H, bias=False)  # decay input, one per head
+        self.b_proj = nn.Linear(D, H, bias=False)  # write strength beta, one per head
+        self.g_proj = nn.Linear(D, H * K, bias=False)  # output gate
+        # fla's init of the decay: A ~ U(0, 16); dt = exp(U(log 1e-3, log 0.1)) floored at 1e-4, stored as its inverse
+        # softplus, so that softplus(dt_bias) = dt at W_a x = 0. The projections keep PyTorch's default init.
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).log())
+        dt = (torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).exp().clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.o_norm = RMSNorm(K, eps=1e-5)
+        self.o_proj = nn.Linear(H * K, D, bias=config.attention_bias and config.arch != "qwen2")  # as GLA's
+
+    @staticmethod
+    def l2norm(x):
+        """x / sqrt(sum x^2 + 1e-6) over the last axis, in fp32 (fla's l2norm)."""
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    def forward(self, x, cos=None, sin=None, cache=None):
+        B, T, _ = x.shape
+        shape = (B, T, self.H, self.K)
+        q = self.l2norm(F.silu(self.q_proj(x)).view(shape))
+        k = self.l2norm(F.silu(self.k_proj(x)).view(shape))
+        v = F.silu(self.v_proj(x)).view(shape)
+        # beta and the log-decay g (<= 0) in fp32, [B, T, H]: the kernel sums g over a chunk
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        scale = self.K ** -0.5
+        if cache is None:
+            o, _ = chunk_gdn(q, k, v, g, beta, scale=scale)
+        elif T == 1:
+            o, state = gdn_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"], scale=scale)
+            o = o[:, None]
+        else:
+            o, state = chunk_gdn(q, k, v, g, beta, scale=scale, initial_state=cache["state"], output_final_state=True)
+        if cache is not None:
+            cache["state"].copy_(state)  # in place: a recorded decoding step reads and writes the same buffer
+        o = self.o_norm(o.to(x.dtype)) * F.silu(self.g_proj(x).view(shape))
+        return self.o_proj(o.reshape(B, T, self.H * self.K))
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -225,7 +279,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, mixer: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config) if mixer == "attn" else GLA(config)
+        self.self_attn = {"attn": Attention, "gla": GLA, "gdn": GDN}[mixer](config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -321,16 +375,16 @@ class Transformer(nn.Module):
             if kind == "attn":
                 shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
                 entries.append({"k": w.new_zeros(shape), "v": w.new_zeros(shape)})
-            else:
+            else:  # gla and gdn: the recurrent state S of every head, fp32
                 shape = (batch_size, c.num_attention_heads, c.head_dim, c.head_dim)
                 entries.append({"state": torch.zeros(shape, dtype=torch.float32, device=w.device)})
         return Cache(entries, max_len, w.device)
 
     def set_mixer(self, layer_idx, module, kind):
         """Put `module` in layer `layer_idx` as its mixer; config.mixers follows, so checkpoints rebuild it."""
-        if not isinstance(module, {"attn": Attention, "gla": GLA}[kind]):
-            raise TypeError(f"set_mixer: kind {kind!r} needs a {'Attention' if kind == 'attn' else 'GLA'} module, "
-                            f"got {type(module).__name__}")
+        cls = {"attn": Attention, "gla": GLA, "gdn": GDN}[kind]
+        if not isinstance(module, cls):
+            raise TypeError(f"set_mixer: kind {kind!r} needs a {cls.__name__} module, got {type(module).__name__}")
         self.model.layers[layer_idx].self_attn = module
         self.config.mixers[layer_idx] = kind
 

@@ -1,22 +1,26 @@
 """
 Stage 0 - attention weight transfer: turn the teacher into an all-linear student without any training.
 
-Every layer's softmax attention is replaced by a gated linear attention (GLA) mixer that starts from the teacher's own
-projections (RADLADS step 0): the query and output projections are copied, and the key and value projections are the
-teacher's repeated over the grouped-query heads, so that the GLA has one K/V head per query head. With a softmax
-teacher the query/key products already measure relevance; the GLA keeps them and only has to learn its decay gates
-(new, standard init), output norm and swish gate, which makes the alignment of Stage 1 short. Embeddings, norms,
-MLPs and the head are the teacher's, unchanged. Qwen2's q/k/v biases are dropped (the paper does), and so are
-RoPE (GLA has none) and Qwen3's per-head q/k norms.
+Every layer's softmax attention is replaced by a linear mixer, gated linear attention (GLA, --mixer=gla) or Gated
+DeltaNet (GDN, --mixer=gdn, the paper's main student), that starts from the teacher's own projections (RADLADS step
+0): the query and output projections are copied (the output bias too, where a Llama config has one), and the key and
+value projections are the teacher's repeated over the grouped-query heads, so that the mixer has one K/V head per
+query head. With a softmax teacher the query/key products already measure relevance; the mixer keeps them and only
+has to learn its decay (and, for GDN, write strength), output norm and swish gate, all new with their standard init
+(method.md), which makes the alignment of Stage 1 short. Embeddings, norms, MLPs and the head are the teacher's,
+unchanged. Qwen2's q/k/v biases are dropped (the paper does), and so are RoPE (the mixers have none) and Qwen3's
+per-head q/k norms.
 
     grouped-query attention, n_rep = n_heads / n_kv_heads:
-    W_k (GLA) [H*K, D] = rows of kv head j repeated for query heads j*n_rep .. (j+1)*n_rep-1   (HF's repeat_kv order)
+    W_k (mixer) [H*K, D] = rows of kv head j repeated for query heads j*n_rep .. (j+1)*n_rep-1   (HF's repeat_kv order)
 
 Reads the teacher (HF folder, hub id, .gguf, or "" for the default SmolLM2-135M-Instruct); writes
-out/<run>/transfer/ckpt.pt (+ meta.json) with the teacher source in its config, for every later stage to inherit.
+out/<run>/transfer/ckpt.pt (+ meta.json) with the teacher source and the mixer in its config, for every later stage
+to inherit.
 
     python transfer.py                                                      # default teacher (CPU, seconds)
-    python transfer.py --teacher=Qwen/Qwen2.5-0.5B-Instruct --run_name=qwen     # any HF folder, hub id or .gguf
+    python transfer.py --mixer=gdn --run_name=smollm2_gdn                   # Gated DeltaNet student
+    python transfer.py --teacher=Qwen/Qwen2.5-0.5B-Instruct --run_name=qwen # any HF folder, hub id or .gguf
 """
 
 import dataclasses
@@ -38,7 +42,8 @@ class Config:
     out_dir: str = "out"            # root of all runs
     teacher: str = ""               # HF folder | hub id | .gguf | "" -> default teacher (SmolLM2-135M-Instruct)
     output: str = ""                # checkpoint path; "" -> <out_dir>/<run_name>/transfer/ckpt.pt
-    seed: int = 0                   # init of the new GLA parameters (gates, output norm)
+    mixer: str = "gla"              # gla | gdn: the linear mixer every layer becomes
+    seed: int = 0                   # init of the new mixer parameters (gates, output norm)
 
 
 def expand_kv(weight, n_kv_heads, n_rep):
@@ -48,18 +53,19 @@ def expand_kv(weight, n_kv_heads, n_rep):
 
 
 @torch.no_grad()
-def attention_to_gla(attn, config):
-    """A GLA mixer initialised from one softmax attention module (RADLADS attention weight transfer)."""
-    from model import GLA
-    gla = GLA(config)
+def attention_to_mixer(attn, config, kind="gla"):
+    """A GLA or GDN mixer initialised from one softmax attention module (RADLADS attention weight transfer): q and o
+    (with o's bias) copied, k and v expanded over the query heads; everything else keeps its init."""
+    from model import GDN, GLA
+    mixer = {"gla": GLA, "gdn": GDN}[kind](config)
     n_rep = config.num_attention_heads // config.num_key_value_heads
-    gla.q_proj.weight.copy_(attn.q_proj.weight)
-    gla.k_proj.weight.copy_(expand_kv(attn.k_proj.weight, config.num_key_value_heads, n_rep))
-    gla.v_proj.weight.copy_(expand_kv(attn.v_proj.weight, config.num_key_value_heads, n_rep))
-    gla.o_proj.weight.copy_(attn.o_proj.weight)
-    if getattr(gla.o_proj, "bias", None) is not None and getattr(attn.o_proj, "bias", None) is not None:
-        gla.o_proj.bias.copy_(attn.o_proj.bias)
-    return gla.to(dtype=attn.q_proj.weight.dtype, device=attn.q_proj.weight.device)
+    mixer.q_proj.weight.copy_(attn.q_proj.weight)
+    mixer.k_proj.weight.copy_(expand_kv(attn.k_proj.weight, config.num_key_value_heads, n_rep))
+    mixer.v_proj.weight.copy_(expand_kv(attn.v_proj.weight, config.num_key_value_heads, n_rep))
+    mixer.o_proj.weight.copy_(attn.o_proj.weight)
+    if attn.o_proj.bias is not None:  # the mixer's o_proj has a bias exactly when the attention's has (model.py)
+        mixer.o_proj.bias.copy_(attn.o_proj.bias)
+    return mixer.to(dtype=attn.q_proj.weight.dtype, device=attn.q_proj.weight.device)
 
 
 @torch.no_grad()
@@ -76,6 +82,8 @@ def main(cfg):
     t0 = time.time()
     cfg.teacher = cfg.teacher or DEFAULT_TEACHER
     cfg.output = cfg.output or os.path.join(cfg.out_dir, cfg.run_name, "transfer", "ckpt.pt")
+    if cfg.mixer not in ("gla", "gdn"):
+        raise ValueError(f"--mixer={cfg.mixer!r}: expected gla or gdn")
     print_config(cfg)
     torch.manual_seed(cfg.seed)
 
@@ -92,15 +100,15 @@ def main(cfg):
     if c.attention_bias:
         print("   dropping the q/k/v biases of the attention (the paper's choice for linear layers)")
     if c.qk_norm:
-        print("   dropping the per-head q/k norms (qwen3): GLA has none")
+        print(f"   dropping the per-head q/k norms (qwen3): {cfg.mixer.upper()} has none")
     idx = torch.tensor([tok.encode(PROBE)])
     with torch.no_grad():
         logits_teacher = model(idx)
 
-    # ---- convert: every layer's attention becomes a GLA that starts from the teacher's projections
+    # ---- convert: every layer's attention becomes a GLA or GDN that starts from the teacher's projections
     for i, layer in enumerate(model.model.layers):
-        model.set_mixer(i, attention_to_gla(layer.self_attn, c), "gla")
-    assert all(m == "gla" for m in model.config.mixers)
+        model.set_mixer(i, attention_to_mixer(layer.self_attn, c, cfg.mixer), cfg.mixer)
+    assert all(m == cfg.mixer for m in model.config.mixers)
 
     # ---- check and save
     with torch.no_grad():

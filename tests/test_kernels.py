@@ -69,7 +69,8 @@ def check_against_reference(fn, T, K, V, regime, h0, dtype):
         assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
 
 
-# T in {1, 17, 64, 100, 300}; K, V in {16, 64}, K != V; regimes; with/without initial state; fp32 and bf16.
+# T in {1, 17, 64, 100, 300}; K, V in {16, 64}, K != V, 60 and 100 (zero-padded by chunk_gla); regimes; with/without
+# initial state; fp32 and bf16.
 # The interpreter is slow, so each regime meets only a few shapes.
 CASES = [
     (1, 16, 16, "mixed", True, torch.float32),
@@ -82,6 +83,8 @@ CASES = [
     (300, 16, 16, "mixed", True, torch.bfloat16),
     (17, 64, 64, "neg20", False, torch.bfloat16),
     (100, 16, 64, "model", True, torch.float16),
+    (70, 60, 100, "model", True, torch.float32),  # head sizes that are not powers of two (fla's tests use 60, 100)
+    (40, 100, 60, "mixed", False, torch.bfloat16),
 ]
 IDS = [f"T{c[0]}-K{c[1]}-V{c[2]}-{c[3]}-{'h0' if c[4] else 'noh0'}-{str(c[5])[6:]}" for c in CASES]
 
@@ -129,6 +132,17 @@ def test_gla_step_equals_chunked(triton_path):
     o, S = fn(*xs, initial_state=h, output_final_state=True)
     assert (o - o_step).norm() / o_step.norm() < 1e-5
     assert (S - S_step).norm() / S_step.norm() < 1e-5
+
+
+@needs_triton
+def test_triton_refuses_big_heads_before_compiling(monkeypatch):
+    def launched(*args):
+        raise AssertionError("a Triton kernel was reached")
+    monkeypatch.setattr(kernels.ChunkGLAFunction, "apply", launched)
+    for K, V in ((160, 64), (64, 256)):
+        xs, _, _, _ = make(3, K, V, "model", False, torch.float32)
+        with pytest.raises(ValueError, match=r"head sizes K, V from 1 to 128 .*K=%d, V=%d" % (K, V)):
+            kernels.chunk_gla(*xs)
 
 
 def test_cpu_dispatch_is_torch_path():
