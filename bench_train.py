@@ -166,7 +166,9 @@ def main(cfg):
                 fl = 3 * flops(hybrid, T) + flops(teacher, T)
                 tok_step = B * T
             ms, mem, curve = per_step(path, skip if stage != "probe" else 1)
-            if stage == "probe":   # a round's ms covers eval_every steps of every probe
+            if stage == "probe" and not old:  # a logged round covers eval_every steps of every probe
+                ms = ms / (cfg.probes * max(1, cfg.steps // 8)) if ms else None
+            elif stage == "probe":            # the old score.py logged per probe step, all probes together
                 ms = ms / cfg.probes if ms else None
                 tok_step = B * T
             tok_s = tok_step / (ms / 1e3) if ms else None

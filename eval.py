@@ -119,10 +119,11 @@ def free(cuda):
 
 
 def cache_bytes(cache, mixers):
-    """Bytes of the decoding state by kind: KV buffers of attention layers, fp32 states of GLA layers."""
+    """Bytes of the decoding state by kind: KV buffers of attention layers ("attn"), the fp32 states of the linear
+    layers, GLA or GDN ("gla")."""
     out = {"attn": 0, "gla": 0}
     for kind, entry in zip(mixers, cache):
-        out[kind] += sum(entry[key].untyped_storage().nbytes() for key in ("k", "v", "state") if key in entry)
+        out["attn" if kind == "attn" else "gla"] += sum(entry[key].untyped_storage().nbytes() for key in ("k", "v", "state") if key in entry)
     return out
 
 
@@ -147,7 +148,7 @@ def kernels_per_step(step, x):
 
 
 @torch.no_grad()
-def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused-cublas", "fused")):
+def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused", "fused-cublas")):
     """Prefill and decode timings and memory for each batch x length; a length that runs out of memory ends that
     batch's sweep (the longer ones are marked skipped). Each decode mode of model.decoder decodes from the same
     prefill (the earlier modes from a copy of the cache): "eager", the model's forward recorded as one CUDA graph
@@ -156,7 +157,8 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused-cubl
     time: the floor, the bytes a step must move (kernels_decode.step_bytes: weights, KV up to the position, GLA
     states read and written) over the copy bandwidth measured here, and on the GPU the kernels of one step
     (kernels_per_step, on one extra step after the timed ones). decode_tok_s, decode_ms_per_step and
-    peak_decode_bytes are the last mode's."""
+    peak_decode_bytes are the last mode's: fused-cublas, the default of model.decoder (measured on an H200, it beats
+    "fused", whose hand-written matrix-vector kernels lose to cuBLAS: results/h200/bench_decode.txt)."""
     from kernels_decode import copy_bandwidth, step_bytes
     cuda = str(device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)

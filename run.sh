@@ -20,6 +20,7 @@
 #   --out_dir=   root of the runs (default out)
 #   --preset=    auto | gpu | cpu (default auto: gpu when torch sees one)
 #   --baseline=  none | uniform: also distill and finetune a uniform-interleaved hybrid to compare (default none)
+#   --mixer=     gla | gdn: the linear mixer of the student (default gla; transfer.py --mixer)
 #   --gpus=      processes per training stage: 1 = python, N > 1 = torchrun --standalone --nproc_per_node=N
 #
 # A rerun continues: every training stage runs with --resume=true, so a finished stage says so and is skipped, an
@@ -39,6 +40,7 @@ OUT_DIR="${OUT_DIR:-out}"
 PRESET="${PRESET:-auto}"
 BASELINE="${BASELINE:-none}"
 GPUS="${GPUS:-1}"
+MIXER="${MIXER:-gla}"
 PYTHON="${PYTHON:-python}"
 for arg in "$@"; do
   case "$arg" in
@@ -50,7 +52,8 @@ for arg in "$@"; do
     --preset=*) PRESET="${arg#*=}" ;;
     --baseline=*) BASELINE="${arg#*=}" ;;
     --gpus=*) GPUS="${arg#*=}" ;;
-    *) echo "run.sh: unknown argument '$arg' (valid: --teacher= --data= --budget= --run= --out_dir= --preset= --baseline= --gpus=)" >&2
+    --mixer=*) MIXER="${arg#*=}" ;;
+    *) echo "run.sh: unknown argument '$arg' (valid: --teacher= --data= --budget= --run= --out_dir= --preset= --baseline= --gpus= --mixer=)" >&2
        exit 2 ;;
   esac
 done
@@ -96,7 +99,7 @@ fi
 RUN_DIR="$OUT_DIR/$RUN"
 LOGS="$RUN_DIR/logs"
 mkdir -p "$LOGS"
-echo "run.sh | run $RUN | teacher ${TEACHER:-(default SmolLM2-135M-Instruct)} | data $DATA | budget $BUDGET | preset $PRESET | baseline $BASELINE | gpus $GPUS"
+echo "run.sh | run $RUN | teacher ${TEACHER:-(default SmolLM2-135M-Instruct)} | data $DATA | budget $BUDGET | preset $PRESET | baseline $BASELINE | gpus $GPUS | mixer $MIXER"
 echo "run.sh | logs: $LOGS/<stage>.log"
 
 TIMES=()
@@ -117,7 +120,7 @@ common=(--run_name="$RUN" --out_dir="$OUT_DIR")
 # shellcheck disable=SC2086  # the preset and *_ARGS strings are lists of flags, split on purpose
 {
 stage data one data.py "${common[@]}" --data="$DATA" --teacher="$TEACHER" $DATA_P ${DATA_ARGS:-}
-stage transfer one transfer.py "${common[@]}" --teacher="$TEACHER"
+stage transfer one transfer.py "${common[@]}" --teacher="$TEACHER" --mixer="$MIXER"
 stage align train align.py "${common[@]}" --resume=true $ALIGN_P ${ALIGN_ARGS:-}
 stage score train score.py "${common[@]}" --budget="$BUDGET" $SCORE_P ${SCORE_ARGS:-}
 stage select one select_layers.py "${common[@]}" --method=kl --budget="$BUDGET"

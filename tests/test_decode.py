@@ -273,8 +273,13 @@ def test_step_bytes():
 # ------------------------------------------------------------------------------------------- GPU: bf16, graphs
 
 @needs_gpu
-@pytest.mark.parametrize("fused,compile", [("fused", False), ("fused-cublas", False), ("fused", True)],
-                         ids=["fused", "cublas", "compile"])
+@pytest.mark.parametrize("fused,compile", [
+    ("fused", False), ("fused-cublas", False),
+    # seen on an H200 (torch 2.11): recording the compiled step fails ("operation not permitted when stream is
+    # capturing"); strict, so that a torch where it works says so
+    pytest.param("fused", True, marks=pytest.mark.xfail(strict=True, reason="compiled step not recordable (H200, "
+                                                                               "torch 2.11)"))],
+    ids=["fused", "cublas", "compile"])
 def test_gpu_fused_decoder_bf16(fused, compile):
     """bf16 weights, both steps recorded as CUDA graphs: logits close, greedy tokens equal wherever the eager step's
     top-2 margin is not a tie at bf16 precision."""
