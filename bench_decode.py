@@ -1,6 +1,7 @@
 """
 The fused decoding step against the eager one (issue 16), on one GPU and without trained checkpoints: first that the
-two agree in bf16, then eval.bench's speed sweep of both, for the teacher and hybrid layouts built from it.
+two agree in bf16, then the speed sweep of both (bench() below, which eval.py --speed runs too), for the teacher and
+hybrid layouts built from it.
 
 Speed and memory depend on which layers are softmax attention, not on the GLA weights, so every hybrid here is the
 teacher with its other layers converted by Stage 0's attention transfer (transfer.attention_to_gla: untrained
@@ -10,10 +11,10 @@ gates). For each layout:
             CUDA graphs, bf16 weights), for a text prompt (B=1) and random tokens (B=--batch): the tokens must be
             equal; and the logits of both steps fed the same tokens (max |fused - eager|, and relative to the
             logits' max). Where tokens differ, the eager step's top-2 margin there says whether it was a near-tie.
-    speed   eval.bench with modes eager (the step before issue 16), fused-cublas (fused kernels, cuBLAS matmuls) and
-            fused (the default: norms and SwiGLU inside matrix-vector kernels): ms per step, the floor (bytes the
-            step must move over the copy bandwidth measured in the same run) and the kernels per step (profiler
-            trace of one step), at B = 1 and --batch, every length of --lengths.
+    speed   bench with modes eager (the step before issue 16), fused (norms and SwiGLU inside hand-written
+            matrix-vector kernels) and fused-cublas (fused kernels, cuBLAS matmuls; the default, measured faster):
+            ms per step, the floor (bytes the step must move over the copy bandwidth measured in the same run) and
+            the kernels per step (profiler trace of one step), at B = 1 and --batch, every length of --lengths.
 
 Then one table of everything and the ratios the issue asks for (B=1 ms per step at the shortest length; at --batch,
 each hybrid's fused step against the teacher's fused step). --compile=true adds "fused+compile" (torch.compile of
@@ -28,13 +29,13 @@ Writes --out (JSON: settings, checks, speed rows per layout).
 """
 
 import copy
+import gc
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from common import parse_args, pick_device, print_config, write_json
-from eval import bench
 from model import decoder, generate
 
 TEXT = ("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome. "
@@ -54,6 +55,157 @@ class Config:
     out: str = "out/bench_decode.json"  # results
     device: str = ""                # "" = cuda if available
 
+
+# ------------------------------------------------------------------------------------------- the speed sweep
+
+def free(cuda):
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def cache_bytes(cache, mixers):
+    """Bytes of the decoding state by kind: KV buffers of attention layers ("attn"), the fp32 states of the linear
+    layers, GLA or GDN ("gla")."""
+    out = {"attn": 0, "gla": 0}
+    for kind, entry in zip(mixers, cache):
+        out["attn" if kind == "attn" else "gla"] += sum(entry[key].untyped_storage().nbytes()
+                                                        for key in ("k", "v", "state") if key in entry)
+    return out
+
+
+def kernels_per_step(step, x):
+    """CUDA kernels (with memcpys and memsets) that one call of a decoder step runs: device activities in a profiler
+    trace of the call, which on a recorded step are the graph's kernels as they run (CUPTI reports each kernel of a
+    replay), plus the copy of the input token and the clone of the logits around the replay. If the trace shows
+    none, the same count for one unrecorded run of the step (step.run), the launches the graph was recorded from.
+    Each call decodes one more token. None if the profiler is unavailable."""
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        for call in (step, step.run):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                call(x)
+                torch.cuda.synchronize()
+            n = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+            if n:
+                return n
+    except Exception as e:  # a profiler that cannot start must not end the speed table
+        print(f"  (no kernel count: {type(e).__name__}: {str(e)[:100]})")
+    return None
+
+
+@torch.no_grad()
+def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused", "fused-cublas")):
+    """Prefill and decode timings and memory for each batch x length; a length that runs out of memory ends that
+    batch's sweep (the longer ones are marked skipped). Each decode mode of model.decoder decodes from the same
+    prefill (the earlier modes from a copy of the cache): "eager", the model's forward recorded as one CUDA graph
+    (the step before issue 16); "fused" and "fused-cublas", Transformer.fused_step recorded the same way (its norms
+    inside matrix-vector kernels, or cuBLAS matmuls); "fused+compile", "fused" under torch.compile. Beside each
+    time: the floor, the bytes a step must move (kernels_decode.step_bytes: weights, KV up to the position, GLA
+    states read and written) over the copy bandwidth measured here, and on the GPU the kernels of one step
+    (kernels_per_step, on one extra step after the timed ones). decode_tok_s, decode_ms_per_step and
+    peak_decode_bytes are the last mode's: fused-cublas, the default of model.decoder (measured on an H200, it beats
+    "fused", whose hand-written matrix-vector kernels lose to cuBLAS: results/h200/bench_decode.txt)."""
+    from kernels_decode import copy_bandwidth, step_bytes
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    head = model.lm_head.weight
+    bw = copy_bandwidth(device) if cuda else None
+    if cuda:  # CUPTI loaded before any graph is recorded: a profiler first started after recording breaks graphs
+        with torch.autograd.profiler.profile():
+            pass
+    warm = 2  # untimed decoding steps: on the GPU the first warms up, the second records the CUDA graph
+
+    def fork(cache, B):
+        """A copy of a prefilled cache, so that every decode mode starts from the same prefill."""
+        twin = model.new_cache(B, cache.max_len)
+        for a, b in zip(twin, cache):
+            for key, t in b.items():
+                if torch.is_tensor(t) and key != "pos_t":
+                    a[key].copy_(t)
+        twin.pos = cache.pos
+        twin.pos_t.fill_(cache.pos)
+        return twin
+
+    def one(B, T, steps):
+        idx = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
+        cache = model.new_cache(B, T + warm + steps + 2 * (cuda and steps > 0))  # + kernels_per_step's steps
+        sync()
+        t0 = time.perf_counter()
+        # the hidden state, not the logits: B x T x vocab logits at 32K would dwarf the cache being measured
+        nxt = (model(idx, cache=cache, return_hidden=True)[:, -1:] @ head.t()).argmax(-1)
+        sync()
+        t1 = time.perf_counter()
+        kinds = cache_bytes(cache, model.config.mixers)
+        r = dict(batch=B, length=T, status="ok", prefill_s=t1 - t0, prefill_tok_s=B * T / (t1 - t0),
+                 cache_bytes=kinds["attn"] + kinds["gla"], kv_bytes=kinds["attn"], gla_state_bytes=kinds["gla"],
+                 beyond_max_pos=T + warm + steps > model.config.max_position_embeddings, decode={})
+        if steps == 0:
+            return r
+        # the floor at the middle of the timed steps: T + warm + steps / 2 keys per attn layer
+        r["step_bytes"] = step_bytes(model, B, T + warm + steps // 2)
+        r["floor_ms"] = 1000 * r["step_bytes"] / bw if bw else None
+        for i, mode in enumerate(modes):
+            c = fork(cache, B) if i < len(modes) - 1 else cache  # the last mode decodes from the prefill itself
+            try:
+                step, x = decoder(model, c, mode.split("+")[0], compile=mode.endswith("+compile")), nxt
+                for _ in range(warm):
+                    x = step(x).argmax(-1, keepdim=True)
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t2 = time.perf_counter()
+                for _ in range(steps):
+                    x = step(x).argmax(-1, keepdim=True)
+                sync()
+                t3 = time.perf_counter()
+            except (torch.cuda.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as e:  # a mode that fails (a kernel that does not compile) must not end the table
+                r["decode"][mode] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                print(f"  B={B} T={T} {mode}: {r['decode'][mode]['error']}", flush=True)
+                continue
+            r["decode"][mode] = dict(ms_per_step=1000 * (t3 - t2) / steps, tok_s=B * steps / (t3 - t2),
+                                     kernels=kernels_per_step(step, x) if cuda else None)
+            r.update(decode_tok_s=B * steps / (t3 - t2), decode_ms_per_step=1000 * (t3 - t2) / steps,
+                     peak_decode_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+            del step, c
+        if "decode_tok_s" not in r:
+            r["status"] = "error (every decode mode failed)"
+        return r
+
+    rows, fits = [], {B: True for B in batches}
+    for B in batches:
+        for T in sorted(lengths):
+            r = dict(batch=B, length=T, status="skipped (oom at a shorter length)")
+            if fits[B]:
+                try:
+                    one(B, T, 0)  # warm-up of the prefill at this shape: cuBLAS/SDPA pick kernels, untimed
+                    r = one(B, T, n_decode)
+                except (torch.cuda.OutOfMemoryError, MemoryError):
+                    r, fits[B] = dict(batch=B, length=T, status="oom"), False
+            rows.append(r)
+            free(cuda)
+            if r["status"] != "ok":
+                print(f"  B={B} T={T}: {r['status']}", flush=True)
+                continue
+            cols = [f"{mode} {d['ms_per_step']:.3f} ms/step ({d['tok_s']:.0f} tok/s"
+                    + (f", {d['kernels']} kernels)" if d["kernels"] else ")") for mode, d in r["decode"].items()
+                    if "error" not in d]
+            floor = f"floor {r['floor_ms']:.3f} ms ({r['step_bytes'] / 1e6:.0f} MB)" if r.get("floor_ms") else ""
+            print(f"  B={B} T={T}: prefill {r['prefill_s'] * 1000:.0f}ms | " + " | ".join(cols + [floor] * bool(floor))
+                  + f" | cache {r['cache_bytes'] / 2**20:.1f}MB" + " | past max_position_embeddings"
+                  * r["beyond_max_pos"], flush=True)
+    if bw:
+        print(f"  (floor = bytes a step moves / copy bandwidth {bw / 1e12:.2f} TB/s; kernels: CUDA kernels, memcpys "
+              f"and memsets of one step in a profiler trace)")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+# ------------------------------------------------------------------------------------------------- layouts
 
 def parse_layouts(spec, n_layers):
     """"name:0,1,2;name:all;name:none" -> [(name, [mixer per layer])]; the listed layers keep softmax attention."""

@@ -367,6 +367,19 @@ def load_optimizer(opt, model, state, d, shard):
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
+def check_shapes(student_config, teacher_config, source):
+    """A teacher of another shape (vocabulary, width, depth, heads) cannot be this student's at all: say so before
+    anything indexes one with the other."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim")
+    diff = [f"{k} {getattr(teacher_config, k)} vs {getattr(student_config, k)}" for k in keys
+            if getattr(teacher_config, k) != getattr(student_config, k)]
+    if diff:
+        raise ValueError(f"--teacher={source!r} cannot be this student's teacher: teacher vs student "
+                         f"{', '.join(diff)}. Pass the teacher it was made from (or leave --teacher empty to inherit "
+                         "it)")
+
+
 def check_teacher(teacher_fp, info, source, allow):
     """Refuse a teacher other than the one the input checkpoint descends from (its weights' fingerprint), unless
     the user asks for it (allow): the same shapes would otherwise train silently against the wrong model."""
@@ -436,11 +449,11 @@ def check_finite(loss, step, last_ckpt, fix):
     """Stop a run at the first NaN/inf loss, naming the step, the last checkpoint whose weights were finite when it
     was written (save_checkpoint refuses any other), and `fix`: the flags of this stage that help."""
     if not math.isfinite(float(loss)):
-        where = (f"The last good checkpoint is {last_ckpt} (its weights were checked finite when written); "
-                 f"continue from it with --resume=true after the change." if last_ckpt else
+        where = (f"The last good checkpoint is {last_ckpt} (its weights were checked finite when written; "
+                 "--resume=true continues it with the same flags, after a transient fault)." if last_ckpt else
                  "No checkpoint was written before it.")
-        raise FloatingPointError(f"loss is {float(loss)} at step {step}; stopping. {where} Try {fix}, and check the "
-                                 "data for empty windows.")
+        raise FloatingPointError(f"loss is {float(loss)} at step {step}; stopping. {where} Try {fix} and start "
+                                 "again, and check the data for empty windows.")
 
 
 # ------------------------------------------------------------------------------------------------------ chunked KL

@@ -20,9 +20,9 @@ re-tying; checkpoints written during training keep the untied head.
 
 Speed (one GPU): the frozen teacher runs in bf16 weights under inference mode, its final hidden states computed once
 per batch; the student keeps fp32 weights under bf16 autocast (updates of 7e-6 need fp32), its blocks compiled by
-default on the GPU (the GLA kernel stays opaque to the compiler); fused AdamW; the host reads the loss only at log steps (a
-non-finite step is skipped on the GPU itself, see skip_nonfinite). Under torchrun every rank takes its rows of each
-global batch (DDP; --shard=true for FSDP2), and --micro_batch splits a rank's rows into several forwards.
+default on the GPU (the GLA kernel stays opaque to the compiler); fused AdamW; the host reads the loss only at log
+steps (a non-finite step is skipped on the GPU itself, see skip_nonfinite). Under torchrun every rank takes its rows
+of each global batch (DDP; --shard=true for FSDP2), and --micro_batch splits a rank's rows into several forwards.
 
 Reads  out/<run>/align/ckpt.pt, out/<run>/select/selection.json (or --layers=3,7), the teacher named in the parent
        checkpoint's config, the token files of data.py.
@@ -46,9 +46,9 @@ import torch.nn as nn
 
 import data
 import model as M
-from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_teacher, distribute,
-                    fingerprint, full_state, inherit, init_dist, kl_div_chunked, load_optimizer, lock_folder, parse_args,
-                    print_config)
+from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_shapes, check_teacher,
+                    distribute, fingerprint, full_state, inherit, init_dist, kl_div_chunked, load_optimizer,
+                    lock_folder, parse_args, print_config)
 from teachers import from_pretrained
 
 
@@ -299,6 +299,7 @@ def main(cfg):
         print(f"final | {ckpt_path} is complete with these settings: nothing to do")
         return M.checkpoint_info(ckpt_path)["metrics"]
     teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    check_shapes(M.ModelConfig(**parent["model_config"]), teacher.config, cfg.teacher)
     check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
     if state:
         student, _ = M.load_checkpoint(ckpt_path)
@@ -307,9 +308,6 @@ def main(cfg):
         student, _ = M.load_checkpoint(cfg.input)
         layers = read_layers(cfg, student.config.num_hidden_layers)
         make_hybrid(student, teacher32, layers)
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"the teacher {cfg.teacher!r} has {teacher.config.vocab_size} words, the student "
-                         f"{student.config.vocab_size}: it is not this student's teacher")
     del teacher32
     student.to(device)
     tied = parent["model_config"].get("tie_word_embeddings", False)

@@ -37,12 +37,12 @@ Writes out/<run>/eval/eval.json: settings (every flag, resolved), models (per mo
        past_max_pos}, lm_eval {task: {metric or length: value}}, speed [per batch x length, with vs_teacher ratios]),
        summary (the printed table), notes, plots; and recall.png, niah_depth.png, speed.png when matplotlib is there.
 
-    python eval.py --run_name=tiny --lengths=256 --prompts=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 --speed_batch=2
+    python eval.py --run_name=tiny --lengths=256 --prompts=2 --ppl_seq_len=64 --speed=on --speed_lengths=64,128 \
+        --speed_batch=2
     python eval.py --run_name=smollm2                             # one GPU: all checkpoints of the run + the teacher
     python eval.py --run_name=smollm2 --lm_eval=niah_single_1,ruler_vt --lm_eval_limit=100  # + the harness's RULER
 """
 
-import gc
 import glob
 import json
 import math
@@ -56,7 +56,8 @@ import torch.nn.functional as F
 
 import data
 from common import autocast, inherit, kl_div_chunked, parse_args, pick_device, print_config, write_json
-from model import decoder, load_checkpoint
+from model import load_checkpoint
+from bench_decode import bench, free
 from recall import DEPTHS, FILLER, TASKS, make_prompts, recall_suite
 from teachers import from_pretrained
 from tokenizer import load_tokenizer
@@ -111,151 +112,6 @@ def quality(model, teacher, valid, cfg, device):
             kl += kl_div_chunked(h, W, ht, Wt).item() * len(h)
     return math.exp(nll / (n_win * T)), kl / (n_win * T), n_win * T
 
-
-def free(cuda):
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-
-
-def cache_bytes(cache, mixers):
-    """Bytes of the decoding state by kind: KV buffers of attention layers ("attn"), the fp32 states of the linear
-    layers, GLA or GDN ("gla")."""
-    out = {"attn": 0, "gla": 0}
-    for kind, entry in zip(mixers, cache):
-        out["attn" if kind == "attn" else "gla"] += sum(entry[key].untyped_storage().nbytes() for key in ("k", "v", "state") if key in entry)
-    return out
-
-
-def kernels_per_step(step, x):
-    """CUDA kernels (with memcpys and memsets) that one call of a decoder step runs: device activities in a profiler
-    trace of the call, which on a recorded step are the graph's kernels as they run (CUPTI reports each kernel of a
-    replay), plus the copy of the input token and the clone of the logits around the replay. If the trace shows
-    none, the same count for one unrecorded run of the step (step.run), the launches the graph was recorded from.
-    Each call decodes one more token. None if the profiler is unavailable."""
-    from torch.profiler import ProfilerActivity, profile
-    try:
-        for call in (step, step.run):
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                call(x)
-                torch.cuda.synchronize()
-            n = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
-            if n:
-                return n
-    except Exception as e:  # a profiler that cannot start must not end the speed table
-        print(f"  (no kernel count: {type(e).__name__}: {str(e)[:100]})")
-    return None
-
-
-@torch.no_grad()
-def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused", "fused-cublas")):
-    """Prefill and decode timings and memory for each batch x length; a length that runs out of memory ends that
-    batch's sweep (the longer ones are marked skipped). Each decode mode of model.decoder decodes from the same
-    prefill (the earlier modes from a copy of the cache): "eager", the model's forward recorded as one CUDA graph
-    (the step before issue 16); "fused" and "fused-cublas", Transformer.fused_step recorded the same way (its norms
-    inside matrix-vector kernels, or cuBLAS matmuls); "fused+compile", "fused" under torch.compile. Beside each
-    time: the floor, the bytes a step must move (kernels_decode.step_bytes: weights, KV up to the position, GLA
-    states read and written) over the copy bandwidth measured here, and on the GPU the kernels of one step
-    (kernels_per_step, on one extra step after the timed ones). decode_tok_s, decode_ms_per_step and
-    peak_decode_bytes are the last mode's: fused-cublas, the default of model.decoder (measured on an H200, it beats
-    "fused", whose hand-written matrix-vector kernels lose to cuBLAS: results/h200/bench_decode.txt)."""
-    from kernels_decode import copy_bandwidth, step_bytes
-    cuda = str(device).startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    head = model.lm_head.weight
-    bw = copy_bandwidth(device) if cuda else None
-    if cuda:  # CUPTI loaded before any graph is recorded: a profiler first started after recording breaks graphs
-        with torch.autograd.profiler.profile():
-            pass
-    warm = 2  # untimed decoding steps: on the GPU the first warms up, the second records the CUDA graph
-
-    def fork(cache, B):
-        """A copy of a prefilled cache, so that every decode mode starts from the same prefill."""
-        twin = model.new_cache(B, cache.max_len)
-        for a, b in zip(twin, cache):
-            for key, t in b.items():
-                if torch.is_tensor(t) and key != "pos_t":
-                    a[key].copy_(t)
-        twin.pos = cache.pos
-        twin.pos_t.fill_(cache.pos)
-        return twin
-
-    def one(B, T, steps):
-        idx = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
-        cache = model.new_cache(B, T + warm + steps + 2 * (cuda and steps > 0))  # + kernels_per_step's steps
-        sync()
-        t0 = time.perf_counter()
-        # the hidden state, not the logits: B x T x vocab logits at 32K would dwarf the cache being measured
-        nxt = (model(idx, cache=cache, return_hidden=True)[:, -1:] @ head.t()).argmax(-1)
-        sync()
-        t1 = time.perf_counter()
-        kinds = cache_bytes(cache, model.config.mixers)
-        r = dict(batch=B, length=T, status="ok", prefill_s=t1 - t0, prefill_tok_s=B * T / (t1 - t0),
-                 cache_bytes=kinds["attn"] + kinds["gla"], kv_bytes=kinds["attn"], gla_state_bytes=kinds["gla"],
-                 beyond_max_pos=T + warm + steps > model.config.max_position_embeddings, decode={})
-        if steps == 0:
-            return r
-        # the floor at the middle of the timed steps: T + warm + steps / 2 keys per attn layer
-        r["step_bytes"] = step_bytes(model, B, T + warm + steps // 2)
-        r["floor_ms"] = 1000 * r["step_bytes"] / bw if bw else None
-        for i, mode in enumerate(modes):
-            c = fork(cache, B) if i < len(modes) - 1 else cache  # the last mode decodes from the prefill itself
-            try:
-                step, x = decoder(model, c, mode.split("+")[0], compile=mode.endswith("+compile")), nxt
-                for _ in range(warm):
-                    x = step(x).argmax(-1, keepdim=True)
-                sync()
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                t2 = time.perf_counter()
-                for _ in range(steps):
-                    x = step(x).argmax(-1, keepdim=True)
-                sync()
-                t3 = time.perf_counter()
-            except (torch.cuda.OutOfMemoryError, MemoryError):
-                raise
-            except Exception as e:  # a mode that fails (a kernel that does not compile) must not end the table
-                r["decode"][mode] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-                print(f"  B={B} T={T} {mode}: {r['decode'][mode]['error']}", flush=True)
-                continue
-            r["decode"][mode] = dict(ms_per_step=1000 * (t3 - t2) / steps, tok_s=B * steps / (t3 - t2),
-                                     kernels=kernels_per_step(step, x) if cuda else None)
-            r.update(decode_tok_s=B * steps / (t3 - t2), decode_ms_per_step=1000 * (t3 - t2) / steps,
-                     peak_decode_bytes=torch.cuda.max_memory_allocated() if cuda else None)
-            del step, c
-        if "decode_tok_s" not in r:
-            r["status"] = "error (every decode mode failed)"
-        return r
-
-    rows, fits = [], {B: True for B in batches}
-    for B in batches:
-        for T in sorted(lengths):
-            r = dict(batch=B, length=T, status="skipped (oom at a shorter length)")
-            if fits[B]:
-                try:
-                    one(B, T, 0)  # warm-up of the prefill at this shape: cuBLAS/SDPA pick kernels, untimed
-                    r = one(B, T, n_decode)
-                except (torch.cuda.OutOfMemoryError, MemoryError):
-                    r, fits[B] = dict(batch=B, length=T, status="oom"), False
-            rows.append(r)
-            free(cuda)
-            if r["status"] != "ok":
-                print(f"  B={B} T={T}: {r['status']}", flush=True)
-                continue
-            cols = [f"{mode} {d['ms_per_step']:.3f} ms/step ({d['tok_s']:.0f} tok/s"
-                    + (f", {d['kernels']} kernels)" if d["kernels"] else ")") for mode, d in r["decode"].items()
-                    if "error" not in d]
-            floor = f"floor {r['floor_ms']:.3f} ms ({r['step_bytes'] / 1e6:.0f} MB)" if r.get("floor_ms") else ""
-            print(f"  B={B} T={T}: prefill {r['prefill_s'] * 1000:.0f}ms | " + " | ".join(cols + [floor] * bool(floor))
-                  + f" | cache {r['cache_bytes'] / 2**20:.1f}MB" + " | past max_position_embeddings"
-                  * r["beyond_max_pos"], flush=True)
-    if bw:
-        print(f"  (floor = bytes a step moves / copy bandwidth {bw / 1e12:.2f} TB/s; kernels: CUDA kernels, memcpys "
-              f"and memsets of one step in a profiler trace)")
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------------ checks
 
 def ints(text, flag):
     """'1024,2048' -> [1024, 2048]; a clear error for anything that is not a list of positive integers."""
@@ -430,7 +286,8 @@ def main(cfg):
     # ---- what to evaluate: the checkpoints, and the teacher and data named in their configs; then the config
     paths = [p for p in cfg.models.split(",") if p] or default_checkpoints(run_dir)
     names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
-    names = [n if names.count(n) == 1 else os.path.relpath(os.path.dirname(p), cfg.out_dir) for n, p in zip(names, paths)]
+    names = [n if names.count(n) == 1 else os.path.relpath(os.path.dirname(p), cfg.out_dir)
+             for n, p in zip(names, paths)]
     if not paths:
         notes.append(f"no checkpoints found under {run_dir} and no --models: the teacher alone is evaluated")
     for p in paths:
@@ -475,7 +332,8 @@ def main(cfg):
     # ---- recall prompts, made once: every model sees exactly the same ones
     depths = [float(d) for d in cfg.depths.split(",")]
     t0 = time.time()
-    prompts = {(t, L): make_prompts(t, tok, L, cfg.prompts, cfg.seed, depths, cfg.haystack) for t in tasks for L in lengths}
+    prompts = {(t, L): make_prompts(t, tok, L, cfg.prompts, cfg.seed, depths, cfg.haystack)
+               for t in tasks for L in lengths}
     print(f"recall prompts: {len(tasks)} tasks x {len(lengths)} lengths x {cfg.prompts} ({time.time() - t0:.1f}s; "
           f"chat format: {tok.is_chat})")
     hf_tok = None

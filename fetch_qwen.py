@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass
 
 from common import parse_args
+from teachers import sha256
 
 QWEN_FILE = "Qwen2.5-Coder-0.5B-Instruct.gguf"
 QWEN_SIZE = 491_400_064
@@ -51,14 +52,6 @@ SUMS = "SHA256SUMS"          # `sha256sum -c SHA256SUMS` checks the parts withou
 def cache_path(cache_dir=None):
     cache_dir = cache_dir or os.environ.get("NANOHYBRID_CACHE") or os.path.expanduser("~/.cache/nanohybrid")
     return os.path.join(cache_dir, QWEN_FILE)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_header(path):

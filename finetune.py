@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import model as M
-from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_teacher, distribute,
-                    full_state, inherit, init_dist, kl_div_chunked, load_optimizer, lock_folder, parse_args,
+from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_shapes, check_teacher,
+                    distribute, full_state, inherit, init_dist, kl_div_chunked, load_optimizer, lock_folder, parse_args,
                     print_config)
-from distill import (compile_blocks, load_teachers, micro_batches, open_data, set_lr, skip_nonfinite,
-                     teacher_hidden)
+from distill import compile_blocks, load_teachers, micro_batches, open_data, set_lr, skip_nonfinite, teacher_hidden
 
 
 @dataclass
@@ -146,11 +145,9 @@ def main(cfg):
         print(f"final | {ckpt_path} is complete with these settings: nothing to do")
         return M.checkpoint_info(ckpt_path)["metrics"]
     _, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    check_shapes(M.ModelConfig(**parent["model_config"]), teacher.config, cfg.teacher)
     check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
     model, _ = M.load_checkpoint(ckpt_path if state else cfg.input, device=device)
-    if model.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"the teacher {cfg.teacher!r} has {teacher.config.vocab_size} words, the model "
-                         f"{model.config.vocab_size}: it is not this model's teacher")
     if not cfg.kl_weight:
         teacher = None
     print(f"hybrid mixers: {''.join('S' if m == 'attn' else '.' for m in model.config.mixers)} (S = softmax)")

@@ -31,7 +31,7 @@ same arithmetic in fewer, fused kernels (B rows; D model width; H, Hkv heads; K 
 
 The o projection stays cuBLAS (its input comes from attend / gla_decode). decoder(mode="fused-cublas") runs every
 matmul in cuBLAS instead, with rms_norm (residual add + RMSNorm) and swiglu as kernels of their own (8-10 launches
-per layer), and so does "fused" above 16 rows or under autocast; which is faster is eval.bench's to say.
+per layer), and so does "fused" above 16 rows or under autocast; which is faster is bench_decode.bench's to say.
 
 Every kernel reproduces the eager model's roundings: where the eager model stores an intermediate in bf16 (a matmul
 output such as the attention scores, x * cos, silu(gate), ...), the kernel rounds to bf16 at the same place (_rnd), so
@@ -49,7 +49,7 @@ The floor of a step: the bytes it must move over the memory bandwidth,
 
 e.g. SmolLM2-135M in bf16: 0.27 GB of weights, ~0.07 ms at 4 TB/s; each attn layer adds 0.79 MB per row and 1K
 tokens of context (the teacher at B=8, 32K: 6.2 GB, ~1.5 ms); each gla layer 2 x 9 x 64 x 64 x 4 B = 0.29 MB per row,
-whatever the context. eval.bench prints the floor beside every time.
+whatever the context. bench_decode.bench prints the floor beside every time.
 
     python -m pytest -q tests/test_decode.py        # CPU: references, and Triton in the interpreter (child process)
     python bench_decode.py                          # GPU: bf16 checks against the eager step, then the speed table

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 import model as M
-from common import (Dist, Logger, banner, check_finite, check_positive, check_teacher, fingerprint, inherit,
-                    init_dist, lock_folder, parse_args, parse_budget, print_config, write_json)
+from common import (Dist, Logger, banner, check_finite, check_positive, check_shapes, check_teacher, fingerprint,
+                    inherit, init_dist, lock_folder, parse_args, parse_budget, print_config, write_json)
 from distill import (compile_blocks, load_teachers, make_hybrid, make_optimizer, micro_batches, open_data, set_lr,
                      stage2_step, teacher_hidden)
 
@@ -216,6 +216,7 @@ def main(cfg):
     print(f"scoring {len(todo)} layers, skipping {len(skipped)} finished ones {skipped}; top-K sets watched: "
           f"K = {Ks} of {L}" + (f"; {d.world} processes, {len(mine)} layers each at most" if d.world > 1 else ""))
     teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    check_shapes(base.config, teacher.config, cfg.teacher)
     check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
     t_head = teacher.lm_head.weight
     train, _ = open_data(cfg, run_dir)

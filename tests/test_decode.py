@@ -11,7 +11,6 @@ Alone: TRITON_INTERPRET=1 python -m pytest -q tests/test_decode.py
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kernels_decode as kd  # noqa: E402
+from conftest import run_triton_child  # noqa: E402
 import model as M  # noqa: E402
 from model import ModelConfig, Transformer, decoder, generate  # noqa: E402
 
@@ -319,8 +319,4 @@ def test_gpu_fused_decoder_autocast():
 def test_child_runs_triton_tests():
     if TRITON_HERE:
         pytest.skip("the Triton tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                        "-k", "triton and not child"], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+    run_triton_child(__file__)

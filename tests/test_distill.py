@@ -204,7 +204,7 @@ def test_another_teacher_is_refused(aligned, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
     write_tiny_llama(str(small), vocab_size=write_tokenizer(str(small), make_text(200), vocab_size=300))
-    with pytest.raises(ValueError, match="words"):
+    with pytest.raises(ValueError, match="cannot be this student's teacher: teacher vs student vocab_size 300 vs"):
         run_distill(aligned, tmp_path, teacher=str(small), other_teacher=True, steps=1)
 
 

@@ -11,7 +11,6 @@ child pytest with TRITON_INTERPRET=1. Alone: TRITON_INTERPRET=1 python -m pytest
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kernels_gdn  # noqa: E402
+from conftest import run_triton_child  # noqa: E402
 
 torch.set_num_threads(1)
 TRITON_HERE = kernels_gdn.INTERPRET or torch.cuda.is_available()
@@ -183,11 +183,7 @@ def test_cpu_dispatch_is_torch_path():
 def test_child_runs_triton_tests():
     if TRITON_HERE:
         pytest.skip("the Triton tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                        "-k", "triton and not child"], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+    run_triton_child(__file__)
 
 
 def test_bench_flags():  # kernels_gdn.py's flags: parsed before any GPU work

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tokens
 from model import GLA, ModelConfig, Transformer, decoder, generate, load_checkpoint, save_checkpoint
 
 
@@ -30,13 +31,6 @@ def hybrid(mixers=("attn", "gla", "gla", "attn"), tie=False, seed=0):
     return m
 
 
-def tokens(B=2, T=20, vocab=128, seed=1):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_diff(ours, theirs, idx):
-    with torch.no_grad():
-        return (ours(idx) - theirs(idx).logits).abs().max().item()
 
 def test_bad_checkpoints(tmp_path):
     junk = tmp_path / "junk.pt"

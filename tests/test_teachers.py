@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import teachers
+from conftest import logits_diff, tokens
 from model import generate
 from teachers import config_from_hf, from_pretrained
 
@@ -47,13 +48,6 @@ def hf_model(kind, tie=False, hidden=64, inter=128, layers=2, heads=4, kv_heads=
             p.normal_(1.0 if "norm" in name else 0.0, 0.15)
     return m
 
-def tokens(B=2, T=20, vocab=128, seed=1):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_diff(ours, theirs, idx):
-    with torch.no_grad():
-        return (ours(idx) - theirs(idx).logits).abs().max().item()
 
 # llama.cpp's names for HF's (convert_hf_to_gguf), written out independently of model.py's table.
 TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
