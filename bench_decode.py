@@ -106,7 +106,8 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused", "f
     (kernels_per_step, on one extra step after the timed ones). decode_tok_s, decode_ms_per_step and
     peak_decode_bytes are the last mode's: fused-cublas, the default of model.decoder (measured on an H200, it beats
     "fused", whose hand-written matrix-vector kernels lose to cuBLAS: results/h200/bench_decode.txt)."""
-    from kernels_decode import copy_bandwidth, step_bytes
+    from kernels import copy_bandwidth
+    from kernels_decode import step_bytes
     cuda = str(device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     head = model.lm_head.weight

@@ -558,10 +558,7 @@ def main(argv):
             from fla.ops.gla import chunk_gla as fla
         except ImportError:
             print("flash-linear-attention not importable: its columns are n/a")
-    from triton.testing import do_bench
-    src, dst = (torch.empty(2 ** 28, device="cuda", dtype=torch.float32) for _ in range(2))
-    bw = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)  # bytes/s, copy
-    del src, dst
+    bw = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"copy bandwidth {bw / 1e12:.2f} TB/s; ms (do_bench median), bf16, gates logsigmoid(randn)/16")
     cols = ["B", "T", "H", "D", "ours_fwd", "ours_fb", "fla_fwd", "fla_fb", "sdpa_fwd", "sdpa_fb", "ratio_fwd",
@@ -588,10 +585,28 @@ def main(argv):
                 row[f"ratio_{s}"] = row[f"ours_{s}"] / row[f"fla_{s}"]
         row["floor_fwd"] = 5 * B * T * H * D * 2 / bw * 1e3  # q, k, v, g read + o written, bf16
         rows.append(row)
-        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}"
-                       for c in cols), flush=True)
-    if cfg.json:
-        with open(cfg.json, "w") as f:
+        print_row(row, cols)
+    return save_rows(cfg.json, bw, rows)
+
+
+def copy_bandwidth(device, nbytes=2 ** 30):
+    """Bytes/s of a device copy (read + write) of nbytes: the bandwidth a memory-bound kernel can hope for."""
+    from triton.testing import do_bench
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+
+
+def print_row(row, cols):
+    """One line of a benchmark table: numbers to 3 decimals, n/a where a timing is missing."""
+    print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}"
+                   for c in cols), flush=True)
+
+
+def save_rows(path, bw, rows):
+    """Also write the table as JSON when --json names a file. Returns the rows."""
+    if path:
+        with open(path, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, rows=rows), f, indent=1)
     return rows
 

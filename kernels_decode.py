@@ -600,13 +600,3 @@ def step_bytes(model, batch, pos):
     kv = 2 * batch * c.num_key_value_heads * (pos + 1) * c.head_dim * elt
     state = 2 * batch * c.num_attention_heads * c.head_dim * c.head_dim * 4
     return weights + sum(kv if kind == "attn" else state for kind in c.mixers)
-
-
-def copy_bandwidth(device, nbytes=2 ** 30):
-    """Bytes/s of a device copy (read + write) of nbytes: the bandwidth a memory-bound step can hope for."""
-    from triton.testing import do_bench
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
-

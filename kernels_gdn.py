@@ -61,7 +61,6 @@ was first imported: then the Triton kernels run in the interpreter (that is how 
     python kernels_gdn.py --shapes=small --fla=false     # GPU benchmark: ms of ours, fla, SDPA, our GLA; --json=path
 """
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -71,7 +70,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET, _bench_shapes, _cast, _dot, chunk_gla  # _bench_shapes: rows of kernels.SHAPES
+# _bench_shapes: rows of kernels.SHAPES; the benchmark's table helpers are kernels.py's
+from kernels import INTERPRET, _bench_shapes, _cast, _dot, chunk_gla, copy_bandwidth, print_row, save_rows
 
 BT = 64  # chunk length (method.md)
 MAX_HEAD = 128  # largest K and V the Triton path takes
@@ -697,11 +697,7 @@ def main(argv):
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla
         except ImportError:
             print("flash-linear-attention not importable: its columns are n/a")
-    from triton.testing import do_bench
-    src = torch.empty(2 ** 28, device="cuda", dtype=torch.float32)
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)  # bytes/s, copy
-    del src, dst
+    bw = copy_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; ms (do_bench median), bf16, g = logsigmoid(randn) per head; "
           f"gla_fb: our GLA at the same shape (target: ours_fb <= 1.5 gla_fb)")
     cols = ["B", "T", "H", "D", "ours_fwd", "ours_fb", "fla_fwd", "fla_fb", "sdpa_fwd", "sdpa_fb", "gla_fb",
@@ -731,12 +727,8 @@ def main(argv):
             row["vs_gla_fb"] = row["ours_fb"] / row["gla_fb"]
         row["floor_fwd"] = (4 * D * 2 + 8) * B * T * H / bw * 1e3  # q, k, v read + o written (bf16), g, beta fp32
         rows.append(row)
-        print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}"
-                       for c in cols), flush=True)
-    if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, rows=rows), f, indent=1)
-    return rows
+        print_row(row, cols)
+    return save_rows(cfg.json, bw, rows)
 
 
 if __name__ == "__main__":
