@@ -33,13 +33,33 @@ def logits_diff(ours, theirs, idx):
         return (ours(idx) - theirs(idx).logits).abs().max().item()
 
 
+def outputs_and_grads(fn, xs, h, do, dht):
+    """A chunked kernel's (or its reference's) output, final state and the gradient of every input, for the
+    loss sum(o * do) + sum(final_state * dht): what the kernel tests compare."""
+    xs = [x.clone().requires_grad_() for x in xs]
+    h = None if h is None else h.clone().requires_grad_()
+    o, ht = fn(*xs, initial_state=h, output_final_state=True)
+    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    return [o, ht] + [x.grad for x in xs] + ([h.grad] if h is not None else [])
+
+
+def assert_matches(got, ref, names, tol):
+    """Each tensor of got finite, shaped as ref, and within relative error tol (in the 2-norm) of it."""
+    for name, a, b in zip(names, got, ref):
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name} not finite"
+        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
 def run_triton_child(test_file):
     """Rerun a test module's test_triton_* tests in a child pytest under TRITON_INTERPRET=1 (triton reads it at its
     first import, and the interpreter must not leak into the other modules' CPU paths)."""
     import subprocess
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(test_file),
-                        "-k", "triton and not child"], env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(test_file), "-k",
+           "triton and not child"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
 

@@ -87,8 +87,9 @@ def close(a, b, tol):
 BF16 = 0 if kd.INTERPRET else 1e-2
 
 
+# (activations, weights/residual/cache, tolerance); the last is autocast
 DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, BF16),
-          (torch.bfloat16, torch.float32, max(1e-5, BF16))]  # (activations, weights/residual/cache, tolerance); last: autocast
+          (torch.bfloat16, torch.float32, max(1e-5, BF16))]
 DT_IDS = ["fp32", "bf16", "autocast"]
 
 

@@ -136,8 +136,8 @@ def test_main_end_to_end(teacher, tiny_corpus, tmp_path, capsys):
         M.save_checkpoint(os.path.join(out, "tiny", folder, "ckpt.pt"), student, stage="distill",
                           config={"teacher": teacher}, parent=None, metrics={}, tokenizer=teacher)
     # 576 is past the tiny teacher's max_position_embeddings (512): measured, said first, marked
-    cfg = ev.Config(run_name="tiny", out_dir=out, lengths="256,576", prompts=2, ppl_seq_len=64, ppl_windows=4, batch_size=2,
-                    speed="on", speed_lengths="32,64", speed_batch=2, decode_tokens=4, device="cpu")
+    cfg = ev.Config(run_name="tiny", out_dir=out, lengths="256,576", prompts=2, ppl_seq_len=64, ppl_windows=4,
+                    batch_size=2, speed="on", speed_lengths="32,64", speed_batch=2, decode_tokens=4, device="cpu")
     report = ev.main(cfg)
     printed = capsys.readouterr().out
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kernels  # noqa: E402
-from conftest import run_triton_child  # noqa: E402
+from conftest import assert_matches, outputs_and_grads, run_triton_child  # noqa: E402
 
 TRITON_HERE = kernels.INTERPRET or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,23 +50,11 @@ def make(T, K, V, regime, h0, dtype, B=1, H=2, seed=0):
     return [to(x.to(dtype)) for x in (q, k, v, g)], to(h), to(do), to(dht)
 
 
-def outputs_and_grads(fn, xs, h, do, dht):
-    xs = [x.clone().requires_grad_() for x in xs]
-    h = None if h is None else h.clone().requires_grad_()
-    o, ht = fn(*xs, initial_state=h, output_final_state=True)
-    ((o.float() * do).sum() + (ht * dht).sum()).backward()
-    return [o, ht] + [x.grad for x in xs] + ([h.grad] if h is not None else [])
-
-
 def check_against_reference(fn, T, K, V, regime, h0, dtype):
     xs, h, do, dht = make(T, K, V, regime, h0, dtype)
     ref = outputs_and_grads(kernels.gla_recurrent_ref, [x.float() for x in xs], h, do, dht)
     got = outputs_and_grads(fn, xs, h, do, dht)
-    for name, a, b in zip(NAMES, got, ref):
-        assert a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name} not finite"
-        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-        assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
+    assert_matches(got, ref, NAMES, TOL[dtype])
 
 
 # T in {1, 17, 64, 100, 300}; K, V in {16, 64}, K != V, 60 and 100 (zero-padded by chunk_gla); regimes; with/without

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kernels_gdn  # noqa: E402
-from conftest import run_triton_child  # noqa: E402
+from conftest import assert_matches, outputs_and_grads, run_triton_child  # noqa: E402
 
 torch.set_num_threads(1)
 TRITON_HERE = kernels_gdn.INTERPRET or torch.cuda.is_available()
@@ -52,23 +52,11 @@ def make(T, K, V, regime, beta, h0, dtype, B=1, H=2, seed=0):
     return [to(x.to(dtype)) for x in (q, k, v)] + [to(g), to(b)], to(h), to(do), to(dht)
 
 
-def outputs_and_grads(fn, xs, h, do, dht):
-    xs = [x.clone().requires_grad_() for x in xs]
-    h = None if h is None else h.clone().requires_grad_()
-    o, ht = fn(*xs, initial_state=h, output_final_state=True)
-    ((o.float() * do).sum() + (ht * dht).sum()).backward()
-    return [o, ht] + [x.grad for x in xs] + ([h.grad] if h is not None else [])
-
-
 def check_against_reference(fn, T, K, V, regime, beta, h0, dtype):
     xs, h, do, dht = make(T, K, V, regime, beta, h0, dtype)
     ref = outputs_and_grads(kernels_gdn.gdn_recurrent_ref, [x.float() for x in xs], h, do, dht)
     got = outputs_and_grads(fn, xs, h, do, dht)
-    for name, a, b in zip(NAMES, got, ref):
-        assert a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name} not finite"
-        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-        assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
+    assert_matches(got, ref, NAMES, TOL[dtype])
 
 
 # T in {1, 17, 64, 100, 300}; K, V in {16, 64}, K != V, 60 x 100 (padded tiles, two blocks of V in the backward);

@@ -70,7 +70,8 @@ def test_select_methods(aligned, monkeypatch):
 
 
 def test_select_ablation_with_eval(aligned):
-    """The ablation through recall.py's real recall_accuracy (the random teacher scores 0; the plumbing is the point)."""
+    """The ablation through recall.py's real recall_accuracy (the random teacher scores 0: the plumbing is the
+    point)."""
     sel = select(aligned, method="ablation", out="abl_real.json", length=512, prompts=2)
     assert len(sel["layers"]) == 2 and len(sel["scores"]) == 4 and 0 <= sel["base_accuracy"] <= 1
 
