@@ -242,7 +242,7 @@ def verify(folder, model, device):
     model, both fp32 on `device`, on 2 x 48 random tokens."""
     from transformers import AutoModelForCausalLM
     if json.load(open(os.path.join(folder, "config.json")))["architectures"][0] not in HF_CLASSES.values():
-        import fla  # noqa: F401  (registers GLA / GatedDeltaNet with transformers' Auto classes)
+        import fla.models  # noqa: F401  (registers GLA / GatedDeltaNet with transformers' Auto classes)
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     idx = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
     return (theirs(idx).logits.float() - model.to(device).float()(idx).float()).abs().max().item()
@@ -255,9 +255,10 @@ def can_verify(name, device):
     if not device.startswith("cuda"):
         return "fla's kernels need CUDA"
     try:
-        import fla  # noqa: F401
-    except ImportError:
-        return "flash-linear-attention is not installed (pip install flash-linear-attention)"
+        import fla.models  # noqa: F401  (flash-linear-attention; fla-core alone has the kernels, not the classes)
+    except ImportError as e:
+        return (f"fla's model classes do not import ({e}): pip install flash-linear-attention (the package of "
+                f"fla.models; fla-core alone has only the kernels)")
     return ""
 
 

@@ -86,7 +86,8 @@ def fla_on_cpu(monkeypatch):
     """flash-linear-attention's model classes with their Triton pieces swapped for the same math in PyTorch, so
     that the exported folder runs on the CPU: GLA's recurrence (kernels.gla_recurrent_ref, token by token), the
     fused RMSNorm (+ residual), the fused RMSNorm * swish gate, the fused SwiGLU, RoPE, and flash-attn (SDPA)."""
-    fla = pytest.importorskip("fla")
+    pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models; fla-core has no classes) is missing")
+    import fla
     import fla.layers.attn as fla_attn
     import fla.layers.gla as fla_gla
     from fla.modules import FusedRMSNormGated, RMSNorm, RotaryEmbedding
@@ -207,7 +208,7 @@ def test_refusals(tiny_teacher, tmp_path, fla_on_cpu):
 def test_gla_export_matches_on_cuda(tiny_teacher, tmp_path, monkeypatch):
     """The export run by fla's own kernels (chunk GLA, fused norms, SwiGLU, RoPE) on CUDA against our model on
     CUDA, both fp32. flash-attn is not on PyPI as a wheel, so where it is missing SDPA stands in for it."""
-    pytest.importorskip("fla")
+    pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is missing")
     import fla.layers.attn as fla_attn
     if fla_attn.flash_attn_func is None:
         monkeypatch.setattr(fla_attn, "flash_attn_func", lambda q, k, v, causal=True, window_size=None: F.
