@@ -18,6 +18,15 @@ MFU = model FLOPs/s over the dense bf16 matmul rate measured here (an 8192^3 pro
 
     python bench_train.py --data_dir=out/smollm2/data                      # this checkout, every stage and shape
     python bench_train.py --data_dir=out/smollm2/data --repo=../old --json=before.json
+    python bench_train.py --profile=true --shapes=preset,4096    # where a distill step's GPU time goes
+
+--profile=true runs no stage: it builds the distill step in this process (the run.sh hybrid, the bf16 teacher, the
+compiled blocks, fused AdamW: distill.py's own functions on random tokens) and traces a few steps with
+torch.profiler. The table groups the GPU kernels (gemm, the GLA kernel, softmax attention, the KL's kernels,
+normalisation and other fused elementwise kernels, the optimizer, copies) with their share of the step, the GPU's
+busy fraction (kernel time over wall time: the rest is the GPU waiting for the host) and the rate of the matmuls
+(the model's matmul FLOPs over the gemm kernels' time), which says whether the step is bound by its kernels or by
+launching them.
 """
 
 import json
@@ -58,6 +67,8 @@ class Config:
     probes: int = 4                 # probes of the score run
     extra: str = ""                 # flags added to every training stage, e.g. "--compile=false"
     json: str = ""                  # also write the rows here
+    profile: bool = False           # instead: trace the distill step with torch.profiler at --shapes (see above)
+    profile_steps: int = 5          # steps traced (after as many warm-up steps)
 
 
 def sh(repo, script, flags, log):
@@ -106,6 +117,77 @@ def matmul_rate():
     return 2 * 8192 ** 3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3)
 
 
+# kernel name (lower case) -> group, the first match wins (inductor names its kernels after the ops it fused);
+# on the CPU the names are aten ops. The top kernels are printed by name too: the groups are a summary.
+GROUPS = [("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                    "aten::matmul", "aten::linear")),
+          ("GLA kernel", ("_state", "_chunk_", "_local_state", "gla")),
+          ("softmax attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+          ("optimizer (fused AdamW)", ("adam", "multi_tensor", "foreach")),
+          ("KL (log-softmax, exp, sums)", ("softmax", "_kl", "logsumexp", "amax")),
+          ("inductor-fused (norms, rope, swiglu, gates)", ("triton_",)),
+          ("norms, copies, casts, fills", ("norm", "copy", "memcpy", "memset", "fill", "cat", "elementwise"))]
+
+
+def group(name):
+    low = name.lower()
+    return next((g for g, keys in GROUPS if any(k in low for k in keys)), "other")
+
+
+def linear_flops(model):
+    """Forward FLOPs per token of the matmuls with weights (blocks and head): what the gemm kernels compute."""
+    c = model.config
+    return 2 * sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2) + 2 * c.hidden_size * c.vocab_size
+
+
+def profile_distill(cfg, transfer, teacher_src, B, T, device):
+    """Trace distill.stage2_step at B x T: (rows [(group, ms per step, share)], wall ms, busy fraction, gemm TFLOP/s)."""
+    import distill
+    from model import load_checkpoint
+    from torch.profiler import ProfilerActivity, profile
+    teacher32, _, teacher = distill.load_teachers(teacher_src, device)
+    student = load_checkpoint(transfer)[0]
+    L = student.config.num_hidden_layers
+    distill.make_hybrid(student, teacher32, [int(x) for x in LAYERS.split(",") if int(x) < L])
+    student.to(device)
+    forward = distill.compile_blocks(student, distill.Config(compile="auto"), device)
+    opt = distill.make_optimizer(student, 1e-4, 7e-6)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, teacher.config.vocab_size, (B, T), generator=gen).to(device) for _ in range(4)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step(i):
+        idx = batches[i % len(batches)]
+        return distill.stage2_step(forward, student, [(idx, distill.teacher_hidden(teacher, idx, device))],
+                                   teacher.lm_head.weight, opt, device=device)
+
+    for i in range(cfg.profile_steps):   # warm-up: compilation, autotuning, allocator
+        step(i)
+    sync()
+    acts = [ProfilerActivity.CUDA] if device.startswith("cuda") else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for i in range(cfg.profile_steps):
+            step(i)
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3 / cfg.profile_steps
+    on_gpu = device.startswith("cuda")
+    times, kernels = {}, []
+    for e in prof.key_averages():
+        if on_gpu and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not on_gpu and not e.key.startswith("aten::"):
+            continue
+        ms = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / cfg.profile_steps
+        times[group(e.key)] = times.get(group(e.key), 0.0) + ms
+        kernels.append((ms, e.count // cfg.profile_steps, group(e.key), e.key))
+    busy = sum(times.values())
+    rows = sorted(((g, ms, ms / wall) for g, ms in times.items()), key=lambda r: -r[1])
+    gemm_flops = B * T * (3 * linear_flops(student) + linear_flops(teacher))
+    gemm_rate = gemm_flops / (times.get("gemm", 0) * 1e-3) if times.get("gemm") else None
+    return rows, wall, busy / wall, gemm_rate, sorted(kernels, reverse=True)
+
+
 def main(cfg):
     import distill
     from model import load_checkpoint
@@ -126,6 +208,30 @@ def main(cfg):
     # ---- the runs: transfer once, then each stage at each shape (finetune reads the distill of its shape)
     sh(repo, "transfer.py", f"{name('bench')} --out_dir={out} --teacher={cfg.teacher}", log)
     transfer = os.path.join(out, "bench", "transfer", "ckpt.pt")
+    if cfg.profile:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        result = {}
+        for shape in cfg.shapes.split(","):
+            flags = SHAPES[("distill", shape)]
+            B, T = (int(flags.split(f"--{k}=")[1].split()[0]) for k in ("batch_size", "seq_len"))
+            rows, wall, busy, rate, kernels = profile_distill(cfg, transfer, cfg.teacher, B, T, dev)
+            print(f"\ndistill step {B} x {T} on {device}: {wall:.1f} ms wall, kernels busy {100 * busy:.0f}% of it, "
+                  f"gemm kernels at {(rate or 0) / 1e12:.0f} TFLOP/s" + (f" ({100 * rate / peak:.0f}% of the "
+                                                                        f"{peak / 1e12:.0f} measured)" if peak else ""))
+            print("| kernel group | ms / step | share of the step |\n|---|---|---|")
+            for g, ms, share in rows:
+                print(f"| {g} | {ms:.2f} | {100 * share:.1f}% |")
+            print(f"| (GPU idle: waiting for the host) | {wall * (1 - busy):.2f} | {100 * (1 - busy):.1f}% |")
+            print("the 15 kernels that take longest (ms per step, launches per step, group, name):")
+            for ms, n, g, key in kernels[:15]:
+                print(f"  {ms:7.3f} ms {n:5d}x  {g:28.28}  {key[:110]}")
+            result[shape] = dict(batch=B, seq_len=T, wall_ms=wall, busy=busy, gemm_tflops=rate and rate / 1e12,
+                                 groups={g: ms for g, ms, _ in rows},
+                                 kernels=[dict(ms=ms, n=n, group=g, name=key) for ms, n, g, key in kernels[:40]])
+        if cfg.json:
+            with open(cfg.json, "w") as f:
+                json.dump(dict(device=device, torch=torch.__version__, profile=result), f, indent=1)
+        return result
     student = load_checkpoint(transfer)[0]
     teacher = from_pretrained(cfg.teacher)
     hybrid = distill.make_hybrid(load_checkpoint(transfer)[0], teacher, [int(x) for x in LAYERS.split(",")])

@@ -223,3 +223,21 @@ def test_a_copied_run_reads_its_own_data(aligned, tmp_path, capsys):
     shutil.copytree(aligned.dir, copy / "tiny", ignore=shutil.ignore_patterns(".lock"))
     distill.main(distill.Config(run_name="tiny", out_dir=str(copy), layers="1", steps=1, valid_batches=1, **FAST))
     assert f"data: {copy / 'tiny' / 'data'} (" in capsys.readouterr().out
+
+
+def test_the_step_profile_accounts_for_the_step(aligned):
+    """bench_train --profile: the traced distill step's kernel groups add up to no more than its wall time, the
+    matmuls are found, and the group rules send real kernel names of an H200 trace to their groups."""
+    import bench_train
+    cfg = bench_train.Config(profile=True, profile_steps=2)
+    rows, wall, busy, rate, kernels = bench_train.profile_distill(cfg, aligned.transfer_ckpt, aligned.teacher, 2, 16,
+                                                                   "cpu")
+    groups = {g: ms for g, ms, _ in rows}
+    assert wall > 0 and 0 < busy <= 1.05 and groups.get("gemm", 0) > 0 and rate > 0
+    assert abs(sum(groups.values()) - sum(ms for ms, *_ in kernels)) < 1e-6
+    assert [bench_train.group(n) for n in (
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT", "_chunk_output_kernel", "pytorch_flash::flash_fwd_kernel",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "triton_red_fused__log_softmax_amax_0",
+        "triton_poi_fused_mul_rsqrt_silu_1", "void at::native::elementwise_kernel<128, 2>")] == [
+        "gemm", "GLA kernel", "softmax attention", "optimizer (fused AdamW)", "KL (log-softmax, exp, sums)",
+        "inductor-fused (norms, rope, swiglu, gates)", "norms, copies, casts, fills"]
