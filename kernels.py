@@ -533,19 +533,20 @@ def _bench_shapes(spec):
 
 
 def _bench_one(fn, inputs, do):
-    """(ms forward, ms forward+backward) of fn(*inputs) -> o: do_bench medians; None (n/a) if it fails (OOM)."""
+    """(ms forward, ms forward+backward) of fn(*inputs) -> o: do_bench medians; None (n/a) where it fails (OOM, or
+    a backward its library refuses: the forward's time is kept)."""
     from triton.testing import do_bench
+    fwd = fb = None
     try:
         with torch.no_grad():
             fwd = do_bench(lambda: fn(*inputs), return_mode="median")
         xs = [x.detach().requires_grad_() for x in inputs]
         fb = do_bench(lambda: fn(*xs).backward(do), grad_to_none=xs, return_mode="median")
-        return fwd, fb
     except Exception as e:  # a shape that does not fit must not end the table
         print(f"  ({type(e).__name__}: {str(e)[:100]})")
-        return None, None
     finally:
         torch.cuda.empty_cache()
+    return fwd, fb
 
 
 def main(argv):
@@ -599,8 +600,9 @@ def copy_bandwidth(device, nbytes=2 ** 30):
 
 def print_row(row, cols):
     """One line of a benchmark table: numbers to 3 decimals, n/a where a timing is missing."""
-    print(" ".join(f"{row[c]:>9.3f}" if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}"
-                   for c in cols), flush=True)
+    fmt = lambda v: f"{v:>9.3f}" if abs(v) >= 0.01 or v == 0 else f"{v:>9.1e}"  # noqa: E731
+    print(" ".join(fmt(row[c]) if isinstance(row.get(c), float) else f"{row.get(c) or 'n/a':>9}" for c in cols),
+          flush=True)
 
 
 def save_rows(path, bw, rows):

@@ -699,9 +699,10 @@ def main(argv):
             print("flash-linear-attention not importable: its columns are n/a")
     bw = copy_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; ms (do_bench median), bf16, g = logsigmoid(randn) per head; "
-          f"gla_fb: our GLA at the same shape (target: ours_fb <= 1.5 gla_fb)")
-    cols = ["B", "T", "H", "D", "ours_fwd", "ours_fb", "fla_fwd", "fla_fb", "sdpa_fwd", "sdpa_fb", "gla_fb",
-            "ratio_fwd", "ratio_fb", "vs_gla_fb", "floor_fwd"]
+          f"gla_fb: our GLA at the same shape (target: ours_fb <= 1.5 gla_fb); fla_err: |ours - fla| / |fla| of "
+          f"the forward outputs")
+    cols = ["B", "T", "H", "D", "ours_fwd", "ours_fb", "fla_fwd", "fla_fb", "fla_err", "sdpa_fwd", "sdpa_fb",
+            "gla_fb", "ratio_fwd", "ratio_fb", "vs_gla_fb", "floor_fwd"]
     print(" ".join(f"{c:>9}" for c in cols))
     rows = []
     for B, T, H, D in shapes:
@@ -712,6 +713,9 @@ def main(argv):
             row["ours_fwd"], row["ours_fb"] = _bench_one(lambda *x: chunk_gdn(*x)[0], (q, k, v, g, beta), do)
             if fla is not None:
                 row["fla_fwd"], row["fla_fb"] = _bench_one(lambda *x: fla(*x)[0], (q, k, v, g, beta.bfloat16()), do)
+                with torch.no_grad():  # agreement of the forwards: |ours - fla| / |fla| over the whole output
+                    o_fla = fla(q, k, v, g, beta.bfloat16())[0].float()
+                    row["fla_err"] = ((chunk_gdn(q, k, v, g, beta)[0].float() - o_fla).norm() / o_fla.norm()).item()
             qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, T, D]
             row["sdpa_fwd"], row["sdpa_fb"] = _bench_one(
                 lambda *x: F.scaled_dot_product_attention(*x, is_causal=True), (qt, kt, vt), do.transpose(1, 2))
