@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 from common import atomic_write, write_json
 from kernels import chunk_gla, gla_step
-from kernels_decode import (GEMV_ROWS, attend, gla_decode, norm_linear, rms_norm, rope_cache_write, swiglu,
-                            swiglu_linear)
+from kernels_decode import (GEMV_ROWS, attend, gdn_decode, gla_decode, norm_linear, rms_norm, rope_cache_write,
+                            swiglu, swiglu_linear)
 from kernels_gdn import chunk_gdn, gdn_step
 
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -394,10 +394,10 @@ class Transformer(nn.Module):
     def decode_plan(self, cache, gemv=True):
         """What fused_step reads, built once per decoder (kernels_decode has the why): per layer the weights with
         the projections that share an input concatenated (q|k|v for attn; q|k|v|g_proj|gk_proj[0] for gla;
-        gate|up), copies made here so the parameters (training, checkpoints) stay as they are; the layer's cache
-        buffers; the cos/sin table of every cache slot; the position tensor; gemv (fused_step). Plain dicts and
-        lists of tensors, so torch.compile can trace the step. A new mixer kind adds its branch here and in
-        fused_step."""
+        q|k|v|g_proj|a_proj|b_proj for gdn; gate|up), copies made here so the parameters (training, checkpoints)
+        stay as they are; the layer's cache buffers; the cos/sin table of every cache slot; the position tensor;
+        gemv (fused_step). Plain dicts and lists of tensors, so torch.compile can trace the step. A new mixer kind
+        adds its branch here and in fused_step."""
         c = self.config
         layers = []
         for kind, block, entry in zip(c.mixers, self.model.layers, cache):
@@ -415,6 +415,10 @@ class Transformer(nn.Module):
                 layer.update(proj=torch.cat([m.weight for m in lin]), gk=mix.gk_proj[1].weight,
                              gk_bias=mix.gk_proj[1].bias, g_norm=mix.g_norm.weight, g_norm_eps=mix.g_norm.eps,
                              state=entry["state"])
+            elif kind == "gdn":
+                lin = (mix.q_proj, mix.k_proj, mix.v_proj, mix.g_proj, mix.a_proj, mix.b_proj)
+                layer.update(proj=torch.cat([m.weight for m in lin]), A_log=mix.A_log, dt_bias=mix.dt_bias,
+                             o_norm=mix.o_norm.weight, o_norm_eps=mix.o_norm.eps, state=entry["state"])
             else:
                 raise NotImplementedError(f"fused decoding has no {kind!r} step")
             layers.append(layer)
@@ -450,6 +454,10 @@ class Transformer(nn.Module):
             elif w["kind"] == "gla":
                 proj, x, h_dtype = norm_matmul(x, y, w["norm1"], w["proj"])
                 y = gla_decode(proj, w["gk"], w["gk_bias"], w["state"], w["g_norm"], w["g_norm_eps"], K ** -0.5, H,
+                               h_dtype)
+            elif w["kind"] == "gdn":
+                proj, x, h_dtype = norm_matmul(x, y, w["norm1"], w["proj"])
+                y = gdn_decode(proj, w["A_log"], w["dt_bias"], w["state"], w["o_norm"], w["o_norm_eps"], K ** -0.5, H,
                                h_dtype)
             y = F.linear(y, w["o"], w["o_bias"])
             gate_up, x, _ = norm_matmul(x, y, w["norm2"], w["gate_up"])
@@ -644,7 +652,8 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     return torch.cat(out, dim=1)
 
 
-FUSED_MIXERS = ("attn", "gla")  # the mixers fused_step has a branch for; another kind decodes with the eager step
+# the mixers fused_step has a branch for; a model with another kind decodes with the eager step
+FUSED_MIXERS = ("attn", "gla", "gdn")
 
 
 def decoder(model, cache, mode="fused-cublas", compile=False):
