@@ -5,22 +5,22 @@ A decoding step moves little data: the weights once, the KV caches of the softma
 the GLA and GDN states. Written as the training forward (model.Transformer.forward with a cache), it launches ~40 small
 kernels per layer, ~1200 for SmolLM2's 30 layers, and a recorded CUDA graph of them still takes ~3.7 ms on an H100
 where the bytes need ~0.1 ms: every kernel costs a few microseconds whatever it does. Transformer.fused_step runs the
-same arithmetic in fewer, fused kernels (B rows; D model width; H, Hkv heads; K head dim; I MLP width):
+same arithmetic in fewer kernels, the matmuls in cuBLAS and the rest fused (B rows; D model width; H, Hkv heads;
+K head dim; I MLP width):
 
-    attn layer   norm_linear(qkv) | rope_cache_write | attend (split-KV, + combine) | o matmul
-                 | norm_linear(gate_up) | swiglu_linear(down)                                         6-7 launches
-    gla layer    norm_linear(q,k,v,g,gate-rank) | gla_decode | o matmul
-                 | norm_linear(gate_up) | swiglu_linear(down)                                            5 launches
-    gdn layer    norm_linear(q,k,v,g,a,b) | gdn_decode | o matmul
-                 | norm_linear(gate_up) | swiglu_linear(down)                                            5 launches
+    attn layer   rms_norm | qkv matmul | rope_cache_write | attend (split-KV, + combine) | o matmul
+                 | rms_norm | gate_up matmul | swiglu | down matmul                                9-10 launches
+    gla layer    rms_norm | q,k,v,g,gate-rank matmul | gla_decode | o matmul
+                 | rms_norm | gate_up matmul | swiglu | down matmul                                   8 launches
+    gdn layer    rms_norm | q,k,v,g,a,b matmul | gdn_decode | o matmul
+                 | rms_norm | gate_up matmul | swiglu | down matmul                                   8 launches
 
-    norm_linear       the residual add of the previous sublayer, the RMSNorm of the next and the matmul after it:
-                      a matrix-vector kernel (B <= 16 rows) whose programs each make BN outputs and compute the norm
-                      of the few-KB input themselves; program 0 writes the new residual
+    rms_norm          the residual add of the previous sublayer and the RMSNorm of the next, one program per row;
+                      it writes the new residual and the normed input of the matmul after it
     qkv, gate_up      q_proj, k_proj, v_proj (and for GLA g_proj and the first, D -> 16, half of gk_proj; for GDN
                       g_proj, a_proj and b_proj) as one matrix, concatenated once when the decoder is made
                       (Transformer.decode_plan); gate|up the same
-    swiglu_linear     silu(gate) * up computed inside the down projection's matrix-vector kernel
+    swiglu            silu(gate) * up, the down projection's input
     rope_cache_write  RoPE of q and k at position pos (cos/sin from a table made with the plan), k and v written into
                       the KV cache at pos
     attend            softmax attention of the B x H queries over keys 0..pos, flash-decoding: the keys are cut into
@@ -35,10 +35,9 @@ same arithmetic in fewer, fused kernels (B rows; D model width; H, Hkv heads; K 
                       beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) per head, then the delta rule on the
                       fp32 state in place, S = exp(g) S, S += beta k (v - S^T k)^T, o = scale S^T q, the norm and gate
 
-The o projection stays cuBLAS (its input comes from attend / gla_decode / gdn_decode). decoder(mode="fused-cublas")
-runs every matmul in cuBLAS instead, with rms_norm (residual add + RMSNorm) and swiglu as kernels of their own (8-10
-launches per layer), and so does "fused" above 16 rows or under autocast; which is faster is bench_decode.bench's to
-say.
+Hand-written matrix-vector kernels with the norm and SwiGLU inside (5-7 launches per layer) were slower than cuBLAS
+at every shape measured on an H200 (SmolLM2, B = 1, 1K tokens: 2.17 against 0.92 ms per step,
+results/h200/bench_decode.txt, where this step is named "fused-cublas") and were removed.
 
 Every kernel reproduces the eager model's roundings: where the eager model stores an intermediate in bf16 (a matmul
 output such as the attention scores, x * cos, silu(gate), ...), the kernel rounds to bf16 at the same place (_rnd), so
@@ -170,18 +169,6 @@ def swiglu_ref(gate_up):
     """[B, 2 I] = [gate | up] -> silu(gate) * up [B, I], as model.MLP computes it."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def norm_linear_ref(x, y, norm_weight, eps, weight, bias, out_dtype):
-    """(RMSNorm(x + y) * norm_weight @ weight^T + bias, x + y): rms_norm, then the linear (cast to out_dtype, as the
-    eager head's .float())."""
-    h, r = rms_norm_ref(x, y, norm_weight, eps)
-    return F.linear(h, weight, bias).to(out_dtype), r
-
-
-def swiglu_linear_ref(gate_up, weight):
-    """swiglu(gate_up) @ weight^T: model.MLP's down_proj of its activation."""
-    return F.linear(swiglu_ref(gate_up), weight)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -414,60 +401,6 @@ def _swiglu_kernel(gu, out, I, BLOCK: tl.constexpr):
     tl.store(out + b * I + i, _cast(_rnd(gf * tl.sigmoid(gf), g.dtype) * u, out.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _residual(x, y, rows, d, m, D, HAS_Y: tl.constexpr, RDT):
-    # rows [BM] x columns d of x (+ y), [B, D] each: the residual stream, rounded to its dtype as the eager add
-    r = tl.load(x + rows[:, None] * D + d[None, :], mask=m, other=0.).to(tl.float32)
-    if HAS_Y:
-        r = _rnd(r + tl.load(y + rows[:, None] * D + d[None, :], mask=m, other=0.).to(tl.float32), RDT)
-    return r
-
-
-@triton.jit
-def _linear_kernel(x, y, nw, w, bias, out, res, eps, B, D, N, PRO: tl.constexpr, HAS_Y: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ODT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BD: tl.constexpr, PREC: tl.constexpr):
-    """out [B, N] = f(x) @ w^T (+ bias) for B <= BM rows, w [N, D]; program n0 makes columns n0 .. n0 + BN - 1,
-    reading its [BN, D] slice of w in blocks of BD, and computes f on the fly (x is a few KB, from L2):
-        PRO "rms":    f = RMSNorm(x + y) * nw (model.RMSNorm's roundings), a first pass over D for the norm;
-                      program 0 also writes the residual x + y to res
-        PRO "swiglu": f = silu(x[:, :D]) * x[:, D:], x [B, 2 D] (model.MLP)
-    The product is accumulated in fp32 and rounded to ODT (the eager linear's output dtype) before the store."""
-    pid = tl.program_id(0)
-    rows, n = tl.arange(0, BM), pid * BN + tl.arange(0, BN)
-    mr, mn = rows < B, n < N
-    WDT = w.dtype.element_ty
-    if PRO == "rms":
-        ss = tl.zeros([BM], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            d = d0 + tl.arange(0, BD)
-            r = _residual(x, y, rows, d, mr[:, None] & (d < D)[None, :], D, HAS_Y, res.dtype.element_ty)
-            ss += tl.sum(r * r, axis=1)
-        rstd = tl.rsqrt(ss / D + eps)  # [BM]
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        md = d < D
-        m = mr[:, None] & md[None, :]
-        if PRO == "rms":
-            r = _residual(x, y, rows, d, m, D, HAS_Y, res.dtype.element_ty)  # [BM, BD]
-            if pid == 0:
-                tl.store(res + rows[:, None] * D + d[None, :], _cast(r, res.dtype.element_ty), mask=m)
-            h = _rnd(r * rstd[:, None], res.dtype.element_ty) * tl.load(nw + d, mask=md, other=0.).to(tl.float32)
-        else:
-            g = tl.load(x + rows[:, None] * 2 * D + d[None, :], mask=m, other=0.)
-            gf = g.to(tl.float32)
-            h = _rnd(gf * tl.sigmoid(gf), g.dtype) * tl.load(x + rows[:, None] * 2 * D + D + d[None, :], mask=m,
-                                                             other=0.).to(tl.float32)
-        wt = tl.load(w + n[:, None].to(tl.int64) * D + d[None, :], mask=mn[:, None] & md[None, :], other=0.)
-        # h rounded to the weights' dtype: the linear's input as the eager model stores it
-        acc += _dot(_cast(h, WDT), tl.trans(wt), PREC)  # [BM, BN]
-    if HAS_BIAS:
-        acc += tl.load(bias + n, mask=mn, other=0.).to(tl.float32)[None, :]
-    tl.store(out + rows[:, None] * N + n[None, :], _cast(_rnd_to(acc, ODT), out.dtype.element_ty),
-             mask=mr[:, None] & mn[None, :])
-
-
 # ----------------------------------------------------------------------------- launchers
 
 @functools.lru_cache(maxsize=None)
@@ -554,25 +487,6 @@ def _swiglu_triton(gate_up):
     BLOCK = min(1024, _p2(I))
     _swiglu_kernel[(B, triton.cdiv(I, BLOCK))](gate_up, out, I, BLOCK=BLOCK, num_warps=4)
     return out
-
-
-GEMV_ROWS = 16  # the most rows norm_linear / swiglu_linear take in one kernel (the M of the matrix units)
-
-
-def _linear_triton(pro, x, y, norm_weight, eps, weight, bias, out_dtype):
-    B, N = x.shape[0], weight.shape[0]
-    D = weight.shape[1]
-    assert B <= GEMV_ROWS and x.is_contiguous() and weight.is_contiguous()
-    rdt = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
-    res = torch.empty(B, D, dtype=rdt, device=x.device) if pro == "rms" else x
-    out = torch.empty(B, N, dtype=out_dtype, device=x.device)
-    BN = 16 if N <= 4096 else 64  # small matrices: more programs; the head (N = vocab): fewer, longer ones
-    _linear_kernel[(triton.cdiv(N, BN),)](x, x if y is None else y, norm_weight if pro == "rms" else weight, weight,
-                                          weight if bias is None else bias, out, res, eps, B, D, N, PRO=pro,
-                                          HAS_Y=y is not None, HAS_BIAS=bias is not None, ODT=_NAME[weight.dtype],
-                                          BM=GEMV_ROWS, BN=BN, BD=128,
-                                          PREC="ieee" if weight.dtype == torch.float32 else "tf32", num_warps=4)
-    return out, res
 
 
 # ----------------------------------------------------------------------------- custom ops (the step's entry points)
@@ -666,38 +580,6 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 @swiglu.register_fake
 def _(gate_up):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
-
-
-@torch.library.custom_op("nanohybrid::norm_linear", mutates_args=())
-def norm_linear(x: torch.Tensor, y: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: Optional[torch.Tensor],
-                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + y) * norm_weight @ weight^T + bias in out_dtype, x + y): rms_norm and the matmul after it in one
-    matrix-vector kernel, for B <= GEMV_ROWS rows of one dtype (no autocast)."""
-    if use_triton(x):
-        return _linear_triton("rms", x.contiguous(), None if y is None else y.contiguous(), norm_weight, eps, weight,
-                              bias, out_dtype)
-    out, r = norm_linear_ref(x, y, norm_weight, eps, weight, bias, out_dtype)
-    return out, r.clone() if y is None else r
-
-
-@norm_linear.register_fake
-def _(x, y, norm_weight, eps, weight, bias, out_dtype):
-    rdt = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype), x.new_empty(x.shape, dtype=rdt)
-
-
-@torch.library.custom_op("nanohybrid::swiglu_linear", mutates_args=())
-def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """swiglu(gate_up) @ weight^T [B, N] in one matrix-vector kernel (B <= GEMV_ROWS, one dtype)."""
-    if use_triton(gate_up):
-        return _linear_triton("swiglu", gate_up.contiguous(), None, None, 0.0, weight, None, weight.dtype)[0]
-    return swiglu_linear_ref(gate_up, weight)
-
-
-@swiglu_linear.register_fake
-def _(gate_up, weight):
-    return gate_up.new_empty((gate_up.shape[0], weight.shape[0]), dtype=weight.dtype)
 
 
 # ----------------------------------------------------------------------------- the floor of a step
