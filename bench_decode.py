@@ -3,9 +3,9 @@ The fused decoding step against the eager one (issue 16), on one GPU and without
 two agree in bf16, then the speed sweep of both (bench() below, which eval.py --speed runs too), for the teacher and
 hybrid layouts built from it.
 
-Speed and memory depend on which layers are softmax attention, not on the GLA weights, so every hybrid here is the
-teacher with its other layers converted by Stage 0's attention transfer (transfer.attention_to_gla: untrained
-gates). For each layout:
+Speed and memory depend on which layers are softmax attention, not on the GLA or GDN weights, so every hybrid here is
+the teacher with its other layers converted to --mixer by Stage 0's attention transfer (transfer.attention_to_mixer:
+untrained gates). For each layout:
 
     check   greedy generation of --check_tokens tokens with decode="eager" and with decode="fused" (both recorded
             as CUDA graphs, bf16 weights), for a text prompt (B=1) and random tokens (B=--batch): the tokens must be
@@ -51,6 +51,7 @@ class Config:
     decode_tokens: int = 64         # timed decoding steps per row
     check_tokens: int = 32          # greedy tokens compared between the eager and the fused step
     modes: str = "eager,fused"      # model.decoder modes timed; the table sets the last against the floor
+    mixer: str = "gla"              # the linear mixer of the hybrids: gla | gdn
     compile: bool = False           # also time fused+compile (shortest length, B = 1, teacher and all-linear)
     out: str = "out/bench_decode.json"  # results
     device: str = ""                # "" = cuda if available
@@ -207,8 +208,9 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused")):
 
 # ------------------------------------------------------------------------------------------------- layouts
 
-def parse_layouts(spec, n_layers):
-    """"name:0,1,2;name:all;name:none" -> [(name, [mixer per layer])]; the listed layers keep softmax attention."""
+def parse_layouts(spec, n_layers, linear="gla"):
+    """"name:0,1,2;name:all;name:none" -> [(name, [mixer per layer])]; the listed layers keep softmax attention, the
+    others are `linear`."""
     out = []
     for item in filter(None, spec.split(";")):
         name, _, layers = item.partition(":")
@@ -216,18 +218,18 @@ def parse_layouts(spec, n_layers):
                 else {int(i) for i in layers.split(",")})
         if not keep <= set(range(n_layers)):
             raise SystemExit(f"--layouts: {name} lists layers outside 0..{n_layers - 1}")
-        out.append((name, ["attn" if i in keep else "gla" for i in range(n_layers)]))
+        out.append((name, ["attn" if i in keep else linear for i in range(n_layers)]))
     return out
 
 
 def hybrid(teacher, mixers, seed=0):
-    """The teacher with the layers marked "gla" converted by Stage 0 (transfer.attention_to_gla)."""
-    from transfer import attention_to_gla
+    """The teacher with the layers not marked "attn" converted by Stage 0 (transfer.attention_to_mixer)."""
+    from transfer import attention_to_mixer
     torch.manual_seed(seed)
     model = copy.deepcopy(teacher)
     for i, kind in enumerate(mixers):
-        if kind == "gla":
-            model.set_mixer(i, attention_to_gla(model.model.layers[i].self_attn, model.config), "gla")
+        if kind != "attn":
+            model.set_mixer(i, attention_to_mixer(model.model.layers[i].self_attn, model.config, kind), kind)
     return model.eval()
 
 
@@ -309,7 +311,9 @@ def main(cfg):
     tok = load_tokenizer(cfg.teacher)
     lengths = sorted(int(x) for x in cfg.lengths.split(","))
     batches = sorted({1, cfg.batch})
-    layouts = parse_layouts(cfg.layouts, teacher.config.num_hidden_layers)
+    if cfg.mixer not in ("gla", "gdn"):
+        raise SystemExit(f"--mixer must be gla or gdn, got {cfg.mixer!r}")
+    layouts = parse_layouts(cfg.layouts, teacher.config.num_hidden_layers, cfg.mixer)
     modes = tuple(m for m in cfg.modes.split(",") if m)
     prompts = [torch.tensor([tok.encode(TEXT)], device=device),
                torch.randint(0, teacher.config.vocab_size, (cfg.batch, 64), generator=torch.Generator().manual_seed(0)
