@@ -3,18 +3,18 @@ The fused decoding step against the eager one (issue 16), on one GPU and without
 two agree in bf16, then the speed sweep of both (bench() below, which eval.py --speed runs too), for the teacher and
 hybrid layouts built from it.
 
-Speed and memory depend on which layers are softmax attention, not on the GLA weights, so every hybrid here is the
-teacher with its other layers converted by Stage 0's attention transfer (transfer.attention_to_gla: untrained
-gates). For each layout:
+Speed and memory depend on which layers are softmax attention, not on the GLA or GDN weights, so every hybrid here is
+the teacher with its other layers converted to --mixer by Stage 0's attention transfer (transfer.attention_to_mixer:
+untrained gates). For each layout:
 
-    check   greedy generation of --check_tokens tokens with decode="eager" and with each fused mode (all recorded as
-            CUDA graphs, bf16 weights), for a text prompt (B=1) and random tokens (B=--batch): the tokens must be
+    check   greedy generation of --check_tokens tokens with decode="eager" and with decode="fused" (both recorded
+            as CUDA graphs, bf16 weights), for a text prompt (B=1) and random tokens (B=--batch): the tokens must be
             equal; and the logits of both steps fed the same tokens (max |fused - eager|, and relative to the
             logits' max). Where tokens differ, the eager step's top-2 margin there says whether it was a near-tie.
-    speed   bench with modes eager (the step before issue 16), fused (norms and SwiGLU inside hand-written
-            matrix-vector kernels) and fused-cublas (fused kernels, cuBLAS matmuls; the default, measured faster):
-            ms per step, the floor (bytes the step must move over the copy bandwidth measured in the same run) and
-            the kernels per step (profiler trace of one step), at B = 1 and --batch, every length of --lengths.
+    speed   bench with modes eager (the step before issue 16) and fused (Transformer.fused_step: fused kernels,
+            cuBLAS matmuls; model.decoder's default): ms per step, the floor (bytes the step must move over the copy
+            bandwidth measured in the same run) and the kernels per step (profiler trace of one step), at B = 1 and
+            --batch, every length of --lengths.
 
 Then one table of everything and the ratios the issue asks for (B=1 ms per step at the shortest length; at --batch,
 each hybrid's fused step against the teacher's fused step). --compile=true adds "fused+compile" (torch.compile of
@@ -50,7 +50,8 @@ class Config:
     batch: int = 8                  # the larger batch (B = 1 always runs)
     decode_tokens: int = 64         # timed decoding steps per row
     check_tokens: int = 32          # greedy tokens compared between the eager and the fused step
-    modes: str = "eager,fused-cublas,fused"  # decode modes timed (model.decoder); drop one that fails to compile
+    modes: str = "eager,fused"      # model.decoder modes timed; the table sets the last against the floor
+    mixer: str = "gla"              # the linear mixer of the hybrids: gla | gdn
     compile: bool = False           # also time fused+compile (shortest length, B = 1, teacher and all-linear)
     out: str = "out/bench_decode.json"  # results
     device: str = ""                # "" = cuda if available
@@ -95,17 +96,16 @@ def kernels_per_step(step, x):
 
 
 @torch.no_grad()
-def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused", "fused-cublas")):
+def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused")):
     """Prefill and decode timings and memory for each batch x length; a length that runs out of memory ends that
     batch's sweep (the longer ones are marked skipped). Each decode mode of model.decoder decodes from the same
     prefill (the earlier modes from a copy of the cache): "eager", the model's forward recorded as one CUDA graph
-    (the step before issue 16); "fused" and "fused-cublas", Transformer.fused_step recorded the same way (its norms
-    inside matrix-vector kernels, or cuBLAS matmuls); "fused+compile", "fused" under torch.compile. Beside each
-    time: the floor, the bytes a step must move (kernels_decode.step_bytes: weights, KV up to the position, GLA
-    states read and written) over the copy bandwidth measured here, and on the GPU the kernels of one step
-    (kernels_per_step, on one extra step after the timed ones). decode_tok_s, decode_ms_per_step and
-    peak_decode_bytes are the last mode's: fused-cublas, the default of model.decoder (measured on an H200, it beats
-    "fused", whose hand-written matrix-vector kernels lose to cuBLAS: results/h200/bench_decode.txt)."""
+    (the step before issue 16); "fused", Transformer.fused_step recorded the same way; "fused+compile", "fused"
+    under torch.compile. Beside each time: the floor, the bytes a step must move (kernels_decode.step_bytes:
+    weights, KV up to the position, GLA and GDN states read and written) over the copy bandwidth measured here, and
+    on the GPU the kernels of one step (kernels_per_step, on one extra step after the timed ones). decode_tok_s,
+    decode_ms_per_step and peak_decode_bytes are the last mode's: with the default modes, "fused", the default of
+    model.decoder."""
     from kernels import copy_bandwidth
     from kernels_decode import step_bytes
     cuda = str(device).startswith("cuda")
@@ -208,8 +208,9 @@ def bench(model, lengths, batches, n_decode, device, modes=("eager", "fused", "f
 
 # ------------------------------------------------------------------------------------------------- layouts
 
-def parse_layouts(spec, n_layers):
-    """"name:0,1,2;name:all;name:none" -> [(name, [mixer per layer])]; the listed layers keep softmax attention."""
+def parse_layouts(spec, n_layers, linear="gla"):
+    """"name:0,1,2;name:all;name:none" -> [(name, [mixer per layer])]; the listed layers keep softmax attention, the
+    others are `linear`."""
     out = []
     for item in filter(None, spec.split(";")):
         name, _, layers = item.partition(":")
@@ -217,18 +218,18 @@ def parse_layouts(spec, n_layers):
                 else {int(i) for i in layers.split(",")})
         if not keep <= set(range(n_layers)):
             raise SystemExit(f"--layouts: {name} lists layers outside 0..{n_layers - 1}")
-        out.append((name, ["attn" if i in keep else "gla" for i in range(n_layers)]))
+        out.append((name, ["attn" if i in keep else linear for i in range(n_layers)]))
     return out
 
 
 def hybrid(teacher, mixers, seed=0):
-    """The teacher with the layers marked "gla" converted by Stage 0 (transfer.attention_to_gla)."""
-    from transfer import attention_to_gla
+    """The teacher with the layers not marked "attn" converted by Stage 0 (transfer.attention_to_mixer)."""
+    from transfer import attention_to_mixer
     torch.manual_seed(seed)
     model = copy.deepcopy(teacher)
     for i, kind in enumerate(mixers):
-        if kind == "gla":
-            model.set_mixer(i, attention_to_gla(model.model.layers[i].self_attn, model.config), "gla")
+        if kind != "attn":
+            model.set_mixer(i, attention_to_mixer(model.model.layers[i].self_attn, model.config, kind), kind)
     return model.eval()
 
 
@@ -310,7 +311,9 @@ def main(cfg):
     tok = load_tokenizer(cfg.teacher)
     lengths = sorted(int(x) for x in cfg.lengths.split(","))
     batches = sorted({1, cfg.batch})
-    layouts = parse_layouts(cfg.layouts, teacher.config.num_hidden_layers)
+    if cfg.mixer not in ("gla", "gdn"):
+        raise SystemExit(f"--mixer must be gla or gdn, got {cfg.mixer!r}")
+    layouts = parse_layouts(cfg.layouts, teacher.config.num_hidden_layers, cfg.mixer)
     modes = tuple(m for m in cfg.modes.split(",") if m)
     prompts = [torch.tensor([tok.encode(TEXT)], device=device),
                torch.randint(0, teacher.config.vocab_size, (cfg.batch, 64), generator=torch.Generator().manual_seed(0)
@@ -343,7 +346,7 @@ def main(cfg):
                     f"{k} {d['ms_per_step']:.3f} ms ({d['kernels']} kernels)" if "error" not in d else f"{k} {d}"
                     for k, d in r["decode"].items()))
     ok = all(c["tokens_equal"] for res in results.values() for c in res["checks"])
-    print(f"final | greedy tokens of every fused mode == eager for every layout: {ok} | "
+    print(f"final | greedy tokens of the fused step == eager for every layout: {ok} | "
           f"{(time.time() - t0) / 60:.1f}m | {cfg.out}")
     report = dict(settings=dict(asdict(cfg), device=torch.cuda.get_device_name() if cuda else "cpu",
                                 torch=torch.__version__, triton=triton.__version__, dtype=str(dtype)),

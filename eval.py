@@ -25,7 +25,7 @@ extrapolation: eval says so before it starts, and marks those numbers ("past max
 Speed (GPU, bf16 weights; CPU only with --speed=on): the path of model.generate. Prefill of T random tokens
 (chunked GLA kernel; causal SDPA for attention), then --decode_tokens greedy steps through model.decoder (on the GPU
 one CUDA graph per step, replayed; KV cache for attention layers, recurrent GLA state), once per decode mode (eager,
-fused-cublas, fused: bench), beside the step's floor and kernel count; cache bytes = the KV buffers of the attention
+fused: bench), beside the step's floor and kernel count; cache bytes = the KV buffers of the attention
 layers + the fp32 GLA states of new_cache(B, T + 2 + decode_tokens) (+ 2 on the GPU); peak =
 torch.cuda.max_memory_allocated during the fused decode. Lengths past max_position_embeddings still time correctly (RoPE
 extends); a length that runs out of memory is marked "oom".

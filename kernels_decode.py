@@ -2,22 +2,25 @@
 Decoding kernels: the work of one new token per sequence, in a few launches per layer (issue 16).
 
 A decoding step moves little data: the weights once, the KV caches of the softmax layers up to the current position,
-the GLA states. Written as the training forward (model.Transformer.forward with a cache), it launches ~40 small
+the GLA and GDN states. Written as the training forward (model.Transformer.forward with a cache), it launches ~40 small
 kernels per layer, ~1200 for SmolLM2's 30 layers, and a recorded CUDA graph of them still takes ~3.7 ms on an H100
 where the bytes need ~0.1 ms: every kernel costs a few microseconds whatever it does. Transformer.fused_step runs the
-same arithmetic in fewer, fused kernels (B rows; D model width; H, Hkv heads; K head dim; I MLP width):
+same arithmetic in fewer kernels, the matmuls in cuBLAS and the rest fused (B rows; D model width; H, Hkv heads;
+K head dim; I MLP width):
 
-    attn layer   norm_linear(qkv) | rope_cache_write | attend (split-KV, + combine) | o matmul
-                 | norm_linear(gate_up) | swiglu_linear(down)                                         6-7 launches
-    gla layer    norm_linear(q,k,v,g,gate-rank) | gla_decode | o matmul
-                 | norm_linear(gate_up) | swiglu_linear(down)                                            5 launches
+    attn layer   rms_norm | qkv matmul | rope_cache_write | attend (split-KV, + combine) | o matmul
+                 | rms_norm | gate_up matmul | swiglu | down matmul                                9-10 launches
+    gla layer    rms_norm | q,k,v,g,gate-rank matmul | gla_decode | o matmul
+                 | rms_norm | gate_up matmul | swiglu | down matmul                                   8 launches
+    gdn layer    rms_norm | q,k,v,g,a,b matmul | gdn_decode | o matmul
+                 | rms_norm | gate_up matmul | swiglu | down matmul                                   8 launches
 
-    norm_linear       the residual add of the previous sublayer, the RMSNorm of the next and the matmul after it:
-                      a matrix-vector kernel (B <= 16 rows) whose programs each make BN outputs and compute the norm
-                      of the few-KB input themselves; program 0 writes the new residual
-    qkv, gate_up      q_proj, k_proj, v_proj (and for GLA g_proj and the first, D -> 16, half of gk_proj) as one
-                      matrix, concatenated once when the decoder is made (Transformer.decode_plan); gate|up the same
-    swiglu_linear     silu(gate) * up computed inside the down projection's matrix-vector kernel
+    rms_norm          the residual add of the previous sublayer and the RMSNorm of the next, one program per row;
+                      it writes the new residual and the normed input of the matmul after it
+    qkv, gate_up      q_proj, k_proj, v_proj (and for GLA g_proj and the first, D -> 16, half of gk_proj; for GDN
+                      g_proj, a_proj and b_proj) as one matrix, concatenated once when the decoder is made
+                      (Transformer.decode_plan); gate|up the same
+    swiglu            silu(gate) * up, the down projection's input
     rope_cache_write  RoPE of q and k at position pos (cos/sin from a table made with the plan), k and v written into
                       the KV cache at pos
     attend            softmax attention of the B x H queries over keys 0..pos, flash-decoding: the keys are cut into
@@ -28,10 +31,13 @@ same arithmetic in fewer, fused kernels (B rows; D model width; H, Hkv heads; K 
     gla_decode        the GLA step of model.GLA: the decay's second low-rank matmul (16 -> K per head) and logsigmoid,
                       S = diag(exp(g)) S + k^T v on the fp32 state in place, o = scale q S, the per-head RMSNorm and
                       the swish gate, one program per (row, head) holding its K x V state in registers
+    gdn_decode        the step of model.GDN, programs as gla_decode's: silu and l2norm of q and k, silu of v,
+                      beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) per head, then the delta rule on the
+                      fp32 state in place, S = exp(g) S, S += beta k (v - S^T k)^T, o = scale S^T q, the norm and gate
 
-The o projection stays cuBLAS (its input comes from attend / gla_decode). decoder(mode="fused-cublas") runs every
-matmul in cuBLAS instead, with rms_norm (residual add + RMSNorm) and swiglu as kernels of their own (8-10 launches
-per layer), and so does "fused" above 16 rows or under autocast; which is faster is bench_decode.bench's to say.
+Hand-written matrix-vector kernels with the norm and SwiGLU inside (5-7 launches per layer) were slower than cuBLAS
+at every shape measured on an H200 (SmolLM2, B = 1, 1K tokens: 2.17 against 0.92 ms per step,
+results/h200/bench_decode.txt, where this step is named "fused-cublas") and were removed.
 
 Every kernel reproduces the eager model's roundings: where the eager model stores an intermediate in bf16 (a matmul
 output such as the attention scores, x * cos, silu(gate), ...), the kernel rounds to bf16 at the same place (_rnd), so
@@ -45,11 +51,11 @@ sees it as one opaque call and keeps its in-place cache writes.
 The floor of a step: the bytes it must move over the memory bandwidth,
 
     bytes = weights (every matrix once; a tied head counts once) + sum over attn layers of 2 B Hkv (pos + 1) K
-            (K and V, cache dtype) + sum over gla layers of 2 B H K V 4 (the fp32 state read and written)
+            (K and V, cache dtype) + sum over gla and gdn layers of 2 B H K V 4 (the fp32 state read and written)
 
 e.g. SmolLM2-135M in bf16: 0.27 GB of weights, ~0.07 ms at 4 TB/s; each attn layer adds 0.79 MB per row and 1K
-tokens of context (the teacher at B=8, 32K: 6.2 GB, ~1.5 ms); each gla layer 2 x 9 x 64 x 64 x 4 B = 0.29 MB per row,
-whatever the context. bench_decode.bench prints the floor beside every time.
+tokens of context (the teacher at B=8, 32K: 6.2 GB, ~1.5 ms); each gla or gdn layer 2 x 9 x 64 x 64 x 4 B = 0.29 MB
+per row, whatever the context. bench_decode.bench prints the floor beside every time.
 
     python -m pytest -q tests/test_decode.py        # CPU: references, and Triton in the interpreter (child process)
     python bench_decode.py                          # GPU: bf16 checks against the eager step, then the speed table
@@ -63,7 +69,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET, _cast, _dot
+from kernels import INTERPRET, _cast, _dot, gla_step
+from kernels_gdn import gdn_step
 
 BN = 64  # keys per block of the attention loop
 MAX_SPLITS = 64  # most splits of one attention row: the combine kernel holds them all in registers
@@ -113,11 +120,20 @@ def attend_ref(q, k_cache, v_cache, pos, scale):
     return (s.softmax(-1).to(q.dtype).to(v_cache.dtype) @ v_cache).to(q.dtype).view(B, H, K)
 
 
+def _norm_gate_ref(o, gate, norm_weight, norm_eps, x_dtype):
+    """RMSNorm_head(o) * silu(gate) as model.GLA and model.GDN end: o [B, H, V] cast to x's dtype, normalised in fp32,
+    rounded back before the weight; gate [B, H V] the output gate's projection."""
+    B, H, V = o.shape
+    o = o.to(x_dtype)
+    h = o.float()
+    h = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps)).to(o.dtype)
+    return (h * F.silu(gate.reshape(B, H, V))).reshape(B, H * V)
+
+
 def gla_decode_ref(proj, gk_weight, gk_bias, state, norm_weight, norm_eps, scale, H, x_dtype):
     """One GLA step from the merged projection proj [B, 4 H K + R] = [q | k | v | g_proj | gk_proj[0]] (model.GLA):
     gk_weight [H K, R], gk_bias [H K] (gk_proj[1]), state fp32 [B, H, K, K] updated in place, norm_weight [K] (g_norm).
     Returns RMSNorm_head(o) * silu(g_proj x) [B, H K], o = scale q S after S = diag(exp(g)) S + k^T v."""
-    from kernels import gla_step
     B, HK = proj.shape[0], gk_weight.shape[0]
     K = HK // H
     q, k, v, gate, z = proj.split([HK, HK, HK, HK, gk_weight.shape[1]], dim=-1)
@@ -125,28 +141,34 @@ def gla_decode_ref(proj, gk_weight, gk_bias, state, norm_weight, norm_eps, scale
     g = F.logsigmoid(F.linear(z, gk_weight.to(z.dtype), gk_bias.to(z.dtype)).float()) / 16
     o, S = gla_step(*(t.reshape(B, H, K) for t in (q, k, v, g)), state, scale=scale)
     state.copy_(S)
-    o = o.to(x_dtype)
-    h = o.float()
-    h = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps)).to(o.dtype)
-    return (h * F.silu(gate.reshape(B, H, K))).reshape(B, HK)
+    return _norm_gate_ref(o, gate, norm_weight, norm_eps, x_dtype)
+
+
+def gdn_decode_ref(proj, a_log, dt_bias, state, norm_weight, norm_eps, scale, H, x_dtype):
+    """One Gated DeltaNet step from the merged projection proj [B, 4 H K + 2 H] = [q | k | v | g_proj | a_proj |
+    b_proj] (model.GDN): a_log, dt_bias [H] (A_log, dt_bias), state fp32 [B, H, K, K] updated in place, norm_weight
+    [K] (o_norm). q, k = l2norm(silu(.)), v = silu(.), beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias);
+    S = exp(g) S, then S += beta k (v - S^T k)^T (kernels_gdn.gdn_step). Returns RMSNorm_head(o) * silu(g_proj x)
+    [B, H K], o = scale S^T q."""
+    B, K = proj.shape[0], state.shape[-1]
+    q, k, v, gate, a, b = proj.split([H * K] * 4 + [H, H], dim=-1)
+
+    def l2norm(x):  # model.GDN.l2norm
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    q, k = (l2norm(F.silu(t).view(B, H, K)) for t in (q, k))
+    beta = torch.sigmoid(b.float())
+    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    o, S = gdn_step(q, k, F.silu(v).view(B, H, K), g, beta, state, scale=scale)
+    state.copy_(S)
+    return _norm_gate_ref(o, gate, norm_weight, norm_eps, x_dtype)
 
 
 def swiglu_ref(gate_up):
     """[B, 2 I] = [gate | up] -> silu(gate) * up [B, I], as model.MLP computes it."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def norm_linear_ref(x, y, norm_weight, eps, weight, bias, out_dtype):
-    """(RMSNorm(x + y) * norm_weight @ weight^T + bias, x + y): rms_norm, then the linear (cast to out_dtype, as the
-    eager head's .float())."""
-    h, r = rms_norm_ref(x, y, norm_weight, eps)
-    return F.linear(h, weight, bias).to(out_dtype), r
-
-
-def swiglu_linear_ref(gate_up, weight):
-    """swiglu(gate_up) @ weight^T: model.MLP's down_proj of its activation."""
-    return F.linear(swiglu_ref(gate_up), weight)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -285,13 +307,22 @@ def _attend_combine_kernel(ms, ls, accs, y, NS, K: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
+def _norm_gate(o, gate, nw, c, mc, eps, K, DT, XDT: tl.constexpr, NDT: tl.constexpr):
+    """The end of model.GLA and model.GDN on one head: o [BV] (fp32) -> o_norm(o) * silu(gate), with their roundings:
+    o to proj's dtype DT then XDT, the norm to XDT then NDT, silu to DT."""
+    o = _rnd_to(_rnd(o, DT), XDT)
+    o = _rnd_to(o * tl.rsqrt(tl.sum(o * o, axis=0) / K + eps), XDT)
+    o = _rnd_to(o * tl.load(nw + c, mask=mc, other=0.).to(tl.float32), NDT)
+    return o * _rnd(gate * tl.sigmoid(gate), DT)
+
+
+@triton.jit
 def _gla_decode_kernel(proj, gw, gb, state, nw, out, eps, scale, H, R, NP, K: tl.constexpr, BK: tl.constexpr,
                        BR: tl.constexpr, XDT: tl.constexpr, NDT: tl.constexpr):
     """Program (row b, head h), proj row = [q | k | v | g_proj | z], each of the first four H*K wide, z R wide:
         g = logsigmoid(gk_weight_h z + gk_bias_h) / 16              (gk_proj[1], in proj's dtype as eager's linear)
         S = diag(exp(g)) S + k^T v                                  (fp32, in place)
-        o = scale q S -> out = g_norm(o) * silu(g_proj x)           (roundings of model.GLA: o to proj's dtype then
-                                                                     XDT, the norm to XDT then NDT, silu to proj's)"""
+        o = scale q S -> out = g_norm(o) * silu(g_proj x)           (_norm_gate)"""
     b, h = tl.program_id(0), tl.program_id(1)
     c, r = tl.arange(0, BK), tl.arange(0, BR)
     mc, mr = c < K, r < R
@@ -311,10 +342,52 @@ def _gla_decode_kernel(proj, gw, gb, state, nw, out, eps, scale, H, R, NP, K: tl
     msk = mc[:, None] & mc[None, :]
     S = tl.exp(g)[:, None] * tl.load(sp, mask=msk, other=0.) + k[:, None] * v[None, :]  # [BK, BV]
     tl.store(sp, S, mask=msk)
-    o = _rnd_to(_rnd(scale * tl.sum(q[:, None] * S, axis=0), DT), XDT)  # [BV]
-    o = _rnd_to(o * tl.rsqrt(tl.sum(o * o, axis=0) / K + eps), XDT)
-    o = _rnd_to(o * tl.load(nw + c, mask=mc, other=0.).to(tl.float32), NDT)
-    o = o * _rnd(gate * tl.sigmoid(gate), DT)
+    o = _norm_gate(scale * tl.sum(q[:, None] * S, axis=0), gate, nw, c, mc, eps, K, DT, XDT, NDT)  # [BV]
+    tl.store(out + b * H * K + h * K + c, _cast(o, out.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _silu_l2norm(x, DT, NORM: tl.constexpr):
+    """silu(x) rounded to DT (model.GDN's F.silu of a projection), then NORM: l2norm, x / sqrt(sum x^2 + 1e-6) in
+    fp32 rounded to DT (model.GDN.l2norm)."""
+    x = _rnd(x * tl.sigmoid(x), DT)
+    if NORM:
+        x = _rnd(x * tl.rsqrt(tl.sum(x * x, axis=0) + 1e-6), DT)
+    return x
+
+
+@triton.jit
+def _gdn_decode_kernel(proj, a_log, dt_bias, state, nw, out, eps, scale, H, NP, K: tl.constexpr, BK: tl.constexpr,
+                       XDT: tl.constexpr, NDT: tl.constexpr):
+    """Program (row b, head h), proj row = [q | k | v | g_proj | a | b], the first four H*K wide, a and b H wide:
+        q, k = l2norm(silu(.)), v = silu(.)                         (each rounded to proj's dtype, as model.GDN)
+        beta = sigmoid(b_h), g = -exp(A_log_h) softplus(a_h + dt_bias_h)          (fp32 scalars)
+        S = exp(g) S;  S += beta k (v - S^T k)^T                    (the delta rule, fp32, in place)
+        o = scale S^T q -> out = o_norm(o) * silu(g_proj x)         (_norm_gate)"""
+    b, h = tl.program_id(0), tl.program_id(1)
+    c = tl.arange(0, BK)
+    mc = c < K
+    DT = proj.dtype.element_ty
+    row = proj + b * NP + h * K
+    q = _silu_l2norm(tl.load(row + c, mask=mc, other=0.).to(tl.float32), DT, True)  # [BK]
+    k = _silu_l2norm(tl.load(row + H * K + c, mask=mc, other=0.).to(tl.float32), DT, True)
+    v = _silu_l2norm(tl.load(row + 2 * H * K + c, mask=mc, other=0.).to(tl.float32), DT, False)  # [BV] (V = K)
+    gate = tl.load(row + 3 * H * K + c, mask=mc, other=0.).to(tl.float32)
+    x = tl.load(proj + b * NP + 4 * H * K + h).to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
+    # softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) as log(1 + e) e / ((1 + e) - 1) (Goldberg), which keeps
+    # the low bits of a small e that log(1 + e) alone loses
+    e = tl.exp(-tl.abs(x))
+    d = (1. + e) - 1.  # 0 where 1 + e rounds to 1: there log1p(e) = e
+    softplus = tl.maximum(x, 0.) + tl.where(d == 0., e, tl.log(1. + e) * e / tl.where(d == 0., 1., d))
+    g = -tl.exp(tl.load(a_log + h).to(tl.float32)) * softplus
+    beta = tl.sigmoid(tl.load(proj + b * NP + 4 * H * K + H + h).to(tl.float32))
+    sp = state + (b * H + h).to(tl.int64) * K * K + c[:, None] * K + c[None, :]
+    msk = mc[:, None] & mc[None, :]
+    S = tl.exp(g) * tl.load(sp, mask=msk, other=0.)  # [BK, BV]
+    read = tl.sum(k[:, None] * S, axis=0)  # [BV]: what the state stores under k
+    S = S + (beta * k)[:, None] * (v - read)[None, :]
+    tl.store(sp, S, mask=msk)
+    o = _norm_gate(scale * tl.sum(q[:, None] * S, axis=0), gate, nw, c, mc, eps, K, DT, XDT, NDT)  # [BV]
     tl.store(out + b * H * K + h * K + c, _cast(o, out.dtype.element_ty), mask=mc)
 
 
@@ -326,60 +399,6 @@ def _swiglu_kernel(gu, out, I, BLOCK: tl.constexpr):
     u = tl.load(gu + b * 2 * I + I + i, mask=m, other=0.).to(tl.float32)
     gf = g.to(tl.float32)
     tl.store(out + b * I + i, _cast(_rnd(gf * tl.sigmoid(gf), g.dtype) * u, out.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _residual(x, y, rows, d, m, D, HAS_Y: tl.constexpr, RDT):
-    # rows [BM] x columns d of x (+ y), [B, D] each: the residual stream, rounded to its dtype as the eager add
-    r = tl.load(x + rows[:, None] * D + d[None, :], mask=m, other=0.).to(tl.float32)
-    if HAS_Y:
-        r = _rnd(r + tl.load(y + rows[:, None] * D + d[None, :], mask=m, other=0.).to(tl.float32), RDT)
-    return r
-
-
-@triton.jit
-def _linear_kernel(x, y, nw, w, bias, out, res, eps, B, D, N, PRO: tl.constexpr, HAS_Y: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ODT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BD: tl.constexpr, PREC: tl.constexpr):
-    """out [B, N] = f(x) @ w^T (+ bias) for B <= BM rows, w [N, D]; program n0 makes columns n0 .. n0 + BN - 1,
-    reading its [BN, D] slice of w in blocks of BD, and computes f on the fly (x is a few KB, from L2):
-        PRO "rms":    f = RMSNorm(x + y) * nw (model.RMSNorm's roundings), a first pass over D for the norm;
-                      program 0 also writes the residual x + y to res
-        PRO "swiglu": f = silu(x[:, :D]) * x[:, D:], x [B, 2 D] (model.MLP)
-    The product is accumulated in fp32 and rounded to ODT (the eager linear's output dtype) before the store."""
-    pid = tl.program_id(0)
-    rows, n = tl.arange(0, BM), pid * BN + tl.arange(0, BN)
-    mr, mn = rows < B, n < N
-    WDT = w.dtype.element_ty
-    if PRO == "rms":
-        ss = tl.zeros([BM], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            d = d0 + tl.arange(0, BD)
-            r = _residual(x, y, rows, d, mr[:, None] & (d < D)[None, :], D, HAS_Y, res.dtype.element_ty)
-            ss += tl.sum(r * r, axis=1)
-        rstd = tl.rsqrt(ss / D + eps)  # [BM]
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        md = d < D
-        m = mr[:, None] & md[None, :]
-        if PRO == "rms":
-            r = _residual(x, y, rows, d, m, D, HAS_Y, res.dtype.element_ty)  # [BM, BD]
-            if pid == 0:
-                tl.store(res + rows[:, None] * D + d[None, :], _cast(r, res.dtype.element_ty), mask=m)
-            h = _rnd(r * rstd[:, None], res.dtype.element_ty) * tl.load(nw + d, mask=md, other=0.).to(tl.float32)
-        else:
-            g = tl.load(x + rows[:, None] * 2 * D + d[None, :], mask=m, other=0.)
-            gf = g.to(tl.float32)
-            h = _rnd(gf * tl.sigmoid(gf), g.dtype) * tl.load(x + rows[:, None] * 2 * D + D + d[None, :], mask=m,
-                                                             other=0.).to(tl.float32)
-        wt = tl.load(w + n[:, None].to(tl.int64) * D + d[None, :], mask=mn[:, None] & md[None, :], other=0.)
-        # h rounded to the weights' dtype: the linear's input as the eager model stores it
-        acc += _dot(_cast(h, WDT), tl.trans(wt), PREC)  # [BM, BN]
-    if HAS_BIAS:
-        acc += tl.load(bias + n, mask=mn, other=0.).to(tl.float32)[None, :]
-    tl.store(out + rows[:, None] * N + n[None, :], _cast(_rnd_to(acc, ODT), out.dtype.element_ty),
-             mask=mr[:, None] & mn[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -451,31 +470,23 @@ def _gla_decode_triton(proj, gk_weight, gk_bias, state, norm_weight, norm_eps, s
     return out
 
 
+def _gdn_decode_triton(proj, a_log, dt_bias, state, norm_weight, norm_eps, scale, H, x_dtype):
+    B, K = proj.shape[0], state.shape[-1]
+    assert proj.shape[1] == 4 * H * K + 2 * H and state.shape[-2] == K, "one square K x K state per head"
+    assert proj.stride(-1) == 1 and state.is_contiguous() and state.dtype == torch.float32
+    ndt = torch.promote_types(x_dtype, norm_weight.dtype)
+    out = torch.empty(B, H * K, dtype=torch.promote_types(ndt, proj.dtype), device=proj.device)
+    _gdn_decode_kernel[(B, H)](proj, a_log, dt_bias, state, norm_weight, out, norm_eps, scale, H, proj.stride(0), K=K,
+                               BK=_p2(K), XDT=_NAME[x_dtype], NDT=_NAME[ndt], num_warps=4)
+    return out
+
+
 def _swiglu_triton(gate_up):
     B, I = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(B, I, dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = min(1024, _p2(I))
     _swiglu_kernel[(B, triton.cdiv(I, BLOCK))](gate_up, out, I, BLOCK=BLOCK, num_warps=4)
     return out
-
-
-GEMV_ROWS = 16  # the most rows norm_linear / swiglu_linear take in one kernel (the M of the matrix units)
-
-
-def _linear_triton(pro, x, y, norm_weight, eps, weight, bias, out_dtype):
-    B, N = x.shape[0], weight.shape[0]
-    D = weight.shape[1]
-    assert B <= GEMV_ROWS and x.is_contiguous() and weight.is_contiguous()
-    rdt = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
-    res = torch.empty(B, D, dtype=rdt, device=x.device) if pro == "rms" else x
-    out = torch.empty(B, N, dtype=out_dtype, device=x.device)
-    BN = 16 if N <= 4096 else 64  # small matrices: more programs; the head (N = vocab): fewer, longer ones
-    _linear_kernel[(triton.cdiv(N, BN),)](x, x if y is None else y, norm_weight if pro == "rms" else weight, weight,
-                                          weight if bias is None else bias, out, res, eps, B, D, N, PRO=pro,
-                                          HAS_Y=y is not None, HAS_BIAS=bias is not None, ODT=_NAME[weight.dtype],
-                                          BM=GEMV_ROWS, BN=BN, BD=128,
-                                          PREC="ieee" if weight.dtype == torch.float32 else "tf32", num_warps=4)
-    return out, res
 
 
 # ----------------------------------------------------------------------------- custom ops (the step's entry points)
@@ -542,6 +553,22 @@ def _(proj, gk_weight, gk_bias, state, norm_weight, norm_eps, scale, H, x_dtype)
     return proj.new_empty((proj.shape[0], gk_weight.shape[0]), dtype=dt)
 
 
+@torch.library.custom_op("nanohybrid::gdn_decode", mutates_args=("state",))
+def gdn_decode(proj: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor,
+               norm_weight: torch.Tensor, norm_eps: float, scale: float, H: int,
+               x_dtype: torch.dtype) -> torch.Tensor:
+    """One Gated DeltaNet step (gdn_decode_ref): output [B, H K] for o_proj; state updated in place."""
+    if use_triton(proj):
+        return _gdn_decode_triton(proj, a_log, dt_bias, state, norm_weight, norm_eps, scale, H, x_dtype)
+    return gdn_decode_ref(proj, a_log, dt_bias, state, norm_weight, norm_eps, scale, H, x_dtype)
+
+
+@gdn_decode.register_fake
+def _(proj, a_log, dt_bias, state, norm_weight, norm_eps, scale, H, x_dtype):
+    dt = torch.promote_types(torch.promote_types(x_dtype, norm_weight.dtype), proj.dtype)
+    return proj.new_empty((proj.shape[0], H * state.shape[-1]), dtype=dt)
+
+
 @torch.library.custom_op("nanohybrid::swiglu", mutates_args=())
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [B, 2 I] = [gate | up] -> [B, I]."""
@@ -555,44 +582,13 @@ def _(gate_up):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
-@torch.library.custom_op("nanohybrid::norm_linear", mutates_args=())
-def norm_linear(x: torch.Tensor, y: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: Optional[torch.Tensor],
-                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + y) * norm_weight @ weight^T + bias in out_dtype, x + y): rms_norm and the matmul after it in one
-    matrix-vector kernel, for B <= GEMV_ROWS rows of one dtype (no autocast)."""
-    if use_triton(x):
-        return _linear_triton("rms", x.contiguous(), None if y is None else y.contiguous(), norm_weight, eps, weight,
-                              bias, out_dtype)
-    out, r = norm_linear_ref(x, y, norm_weight, eps, weight, bias, out_dtype)
-    return out, r.clone() if y is None else r
-
-
-@norm_linear.register_fake
-def _(x, y, norm_weight, eps, weight, bias, out_dtype):
-    rdt = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype), x.new_empty(x.shape, dtype=rdt)
-
-
-@torch.library.custom_op("nanohybrid::swiglu_linear", mutates_args=())
-def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """swiglu(gate_up) @ weight^T [B, N] in one matrix-vector kernel (B <= GEMV_ROWS, one dtype)."""
-    if use_triton(gate_up):
-        return _linear_triton("swiglu", gate_up.contiguous(), None, None, 0.0, weight, None, weight.dtype)[0]
-    return swiglu_linear_ref(gate_up, weight)
-
-
-@swiglu_linear.register_fake
-def _(gate_up, weight):
-    return gate_up.new_empty((gate_up.shape[0], weight.shape[0]), dtype=weight.dtype)
-
-
 # ----------------------------------------------------------------------------- the floor of a step
 
 def step_bytes(model, batch, pos):
     """Bytes one decoding step at position pos must move (the floor's numerator): every weight matrix once (the
     embedding only as a tied head; its B rows are negligible), keys and values 0..pos of every attn layer, the
-    fp32 state of every gla layer read and written. Merged copies of weights replace, not add to, what is read."""
+    fp32 state of every gla and gdn layer read and written. Merged copies of weights replace, not add to, what is
+    read."""
     c = model.config
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if n != "model.embed_tokens.weight" or p is model.lm_head.weight)  # tied: listed once, as embed

@@ -53,8 +53,7 @@ import torch.nn.functional as F
 
 from common import atomic_write, write_json
 from kernels import chunk_gla, gla_step
-from kernels_decode import (GEMV_ROWS, attend, gla_decode, norm_linear, rms_norm, rope_cache_write, swiglu,
-                            swiglu_linear)
+from kernels_decode import attend, gdn_decode, gla_decode, rms_norm, rope_cache_write, swiglu
 from kernels_gdn import chunk_gdn, gdn_step
 
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -391,13 +390,13 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------------- fused decoding
 
     @torch.no_grad()
-    def decode_plan(self, cache, gemv=True):
+    def decode_plan(self, cache):
         """What fused_step reads, built once per decoder (kernels_decode has the why): per layer the weights with
         the projections that share an input concatenated (q|k|v for attn; q|k|v|g_proj|gk_proj[0] for gla;
-        gate|up), copies made here so the parameters (training, checkpoints) stay as they are; the layer's cache
-        buffers; the cos/sin table of every cache slot; the position tensor; gemv (fused_step). Plain dicts and
-        lists of tensors, so torch.compile can trace the step. A new mixer kind adds its branch here and in
-        fused_step."""
+        q|k|v|g_proj|a_proj|b_proj for gdn; gate|up), copies made here so the parameters (training, checkpoints)
+        stay as they are; the layer's cache buffers; the cos/sin table of every cache slot; the position tensor.
+        Plain dicts and lists of tensors, so torch.compile can trace the step. A new mixer kind adds its branch here
+        and in fused_step."""
         c = self.config
         layers = []
         for kind, block, entry in zip(c.mixers, self.model.layers, cache):
@@ -415,25 +414,25 @@ class Transformer(nn.Module):
                 layer.update(proj=torch.cat([m.weight for m in lin]), gk=mix.gk_proj[1].weight,
                              gk_bias=mix.gk_proj[1].bias, g_norm=mix.g_norm.weight, g_norm_eps=mix.g_norm.eps,
                              state=entry["state"])
+            elif kind == "gdn":
+                lin = (mix.q_proj, mix.k_proj, mix.v_proj, mix.g_proj, mix.a_proj, mix.b_proj)
+                layer.update(proj=torch.cat([m.weight for m in lin]), A_log=mix.A_log, dt_bias=mix.dt_bias,
+                             o_norm=mix.o_norm.weight, o_norm_eps=mix.o_norm.eps, state=entry["state"])
             else:
                 raise NotImplementedError(f"fused decoding has no {kind!r} step")
             layers.append(layer)
         cos, sin = self.rope(torch.arange(cache.max_len, device=cache.pos_t.device))
-        return dict(layers=layers, cos=cos, sin=sin, pos_t=cache.pos_t, gemv=gemv)
+        return dict(layers=layers, cos=cos, sin=sin, pos_t=cache.pos_t)
 
     def fused_step(self, idx, plan):
         """fp32 logits [B, vocab] of one decoding step, idx [B, 1], at position plan["pos_t"], which it advances:
-        the eager step's arithmetic (forward with a cache, T = 1) in the fused kernels of kernels_decode. With
-        plan["gemv"] (up to 16 rows, no autocast) each RMSNorm runs inside the matrix-vector kernel of the matmul
-        after it, and the SwiGLU inside the down projection's; else they are kernels of their own before cuBLAS."""
+        the eager step's arithmetic (forward with a cache, T = 1) in the fused kernels of kernels_decode, the
+        matmuls in cuBLAS. Each RMSNorm takes the residual add before it (rms_norm), so a sublayer's output y is
+        added to the residual stream x by the norm that reads it."""
         c, eps = self.config, self.config.rms_norm_eps
         B, H, Hkv, K = idx.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        gemv = plan["gemv"] and B <= GEMV_ROWS and not torch.is_autocast_enabled(idx.device.type)
 
-        def norm_matmul(x, y, norm, weight, bias=None):  # (RMSNorm(x + y) @ weight^T + bias, x + y, its dtype)
-            if gemv:
-                out, x = norm_linear(x, y, norm, eps, weight, bias, weight.dtype)
-                return out, x, torch.promote_types(x.dtype, norm.dtype)
+        def norm_matmul(x, y, norm, weight, bias=None):  # (RMSNorm(x + y) @ weight^T + bias, x + y, the norm's dtype)
             h, x = rms_norm(x, y, norm, eps)
             return F.linear(h, weight, bias), x, h.dtype
 
@@ -451,12 +450,14 @@ class Transformer(nn.Module):
                 proj, x, h_dtype = norm_matmul(x, y, w["norm1"], w["proj"])
                 y = gla_decode(proj, w["gk"], w["gk_bias"], w["state"], w["g_norm"], w["g_norm_eps"], K ** -0.5, H,
                                h_dtype)
+            elif w["kind"] == "gdn":
+                proj, x, h_dtype = norm_matmul(x, y, w["norm1"], w["proj"])
+                y = gdn_decode(proj, w["A_log"], w["dt_bias"], w["state"], w["o_norm"], w["o_norm_eps"], K ** -0.5, H,
+                               h_dtype)
             y = F.linear(y, w["o"], w["o_bias"])
             gate_up, x, _ = norm_matmul(x, y, w["norm2"], w["gate_up"])
-            y = swiglu_linear(gate_up, w["down"]) if gemv else F.linear(swiglu(gate_up), w["down"])
+            y = F.linear(swiglu(gate_up), w["down"])
         plan["pos_t"].add_(1)
-        if gemv:  # the head's output rounded to the weights' dtype, stored as fp32: the eager .float() of it
-            return norm_linear(x, y, self.model.norm.weight, eps, self.lm_head.weight, None, torch.float32)[0]
         h, _ = rms_norm(x, y, self.model.norm.weight, eps)
         return self.lm_head(h).float()
 
@@ -615,10 +616,10 @@ def describe_input(path, info):
 # ----------------------------------------------------------------------------------------------------------- generate
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, decode="fused-cublas"):
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, decode="fused"):
     """Continue idx [B, T] by up to max_new_tokens tokens: one prefill, then one token per step, with a KV cache for
     attn layers and the recurrent state for gla layers. Greedy at temperature 0. Rows that emitted eos_id keep
-    emitting it; generation stops when all have. decode: the step of decoder() ("fused", "fused-cublas", "eager")."""
+    emitting it; generation stops when all have. decode: the step of decoder() ("fused" or "eager")."""
     B, T = idx.shape
     cache = model.new_cache(B, T + max_new_tokens)
     # the prefill's last position only: logits of every position would be B x T x vocab floats
@@ -644,19 +645,18 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     return torch.cat(out, dim=1)
 
 
-FUSED_MIXERS = ("attn", "gla")  # the mixers fused_step has a branch for; another kind decodes with the eager step
+# the mixers fused_step has a branch for; a model with another kind decodes with the eager step
+FUSED_MIXERS = ("attn", "gla", "gdn")
 
 
-def decoder(model, cache, mode="fused-cublas", compile=False):
+def decoder(model, cache, mode="fused", compile=False):
     """step(x [B, 1]) -> fp32 logits [B, vocab] of one decoding step at cache.pos; the cache advances by one.
 
     mode "eager": the step is the model's forward with the cache (T = 1), some 40 small kernels per layer, 1200 for a
-    30-layer model. mode "fused": Transformer.fused_step, the same arithmetic in 5-7 kernels per layer
-    (kernels_decode), on weights concatenated once here (decode_plan); "fused-cublas": the same with the matmuls
-    in cuBLAS and the norms and SwiGLU as kernels of their own (8-10 per layer). compile: torch.compile the fused
-    step (fullgraph; the kernels are opaque custom ops) before recording it (on an H200 with torch 2.11 the
-    recording then fails: tests/test_decode.py). A model with a mixer fused_step lacks
-    decodes eagerly.
+    30-layer model. mode "fused" (the default): Transformer.fused_step, the same arithmetic in 8-10 kernels per layer
+    (kernels_decode; cuBLAS matmuls on weights concatenated once here, decode_plan). compile: torch.compile the
+    fused step (fullgraph; the kernels are opaque custom ops) before recording it (on an H200 with torch 2.11 the
+    recording then fails: tests/test_decode.py). A model with a mixer not in FUSED_MIXERS decodes eagerly.
 
     The host issues small kernels more slowly than the GPU runs them, so on CUDA the step is recorded once as a
     CUDA graph and replayed: the first call runs eagerly on a side stream (the warm-up recording needs; compiling
@@ -664,12 +664,12 @@ def decoder(model, cache, mode="fused-cublas", compile=False):
     replays. Recording needs fixed shapes and addresses, hence the preallocated cache, the position as the tensor
     cache.pos_t, and layers that write their cache in place. On the CPU: the step itself, no graph.
 
-    The default is "fused-cublas": on an H200 it decodes SmolLM2 in 0.92 ms per step at B = 1 and 1K tokens, against
-    2.17 ms for "fused" and 3.80 ms for "eager" (python bench_decode.py, results/h200/bench_decode.txt)."""
-    if mode not in ("eager", "fused", "fused-cublas"):
-        raise ValueError(f"decoder mode must be 'eager', 'fused' or 'fused-cublas', got {mode!r}")
-    if mode != "eager" and all(kind in FUSED_MIXERS for kind in model.config.mixers):
-        plan = model.decode_plan(cache, gemv=mode == "fused")
+    On an H200, "fused" decodes SmolLM2 in 0.92 ms per step at B = 1 and 1K tokens, against 3.80 ms for "eager"
+    (python bench_decode.py; results/h200/bench_decode.txt names it "fused-cublas")."""
+    if mode not in ("eager", "fused"):
+        raise ValueError(f"decoder mode must be 'eager' or 'fused', got {mode!r}")
+    if mode == "fused" and all(kind in FUSED_MIXERS for kind in model.config.mixers):
+        plan = model.decode_plan(cache)
         fused = torch.compile(model.fused_step, fullgraph=True) if compile else model.fused_step
 
         def run(x):

@@ -1,9 +1,10 @@
 """The fused decoding step (model.Transformer.fused_step, kernels_decode.py) against the eager step: every Triton
 kernel against its PyTorch reference (fp32 and bf16, the mixed dtypes of autocast, GQA groups of 3, widths that are
-not powers of two, attention over one split and many), the fused step's logits and cache against the eager step's
-over several steps (fp32, CPU: teacher, hybrid, all-GLA; biases, q/k norms, a tied head), greedy generation token
-for token, torch.compile of the step (fullgraph), the floor's byte count. On a GPU also bf16 and autocast, through
-the recorded CUDA graph.
+not powers of two, attention over one split and many; the GDN step also against the token-by-token recurrence), the
+fused step's logits and cache against the eager step's over several steps (fp32, CPU: teacher, hybrids of attn, GLA
+and GDN, all-GLA; biases, q/k norms, a tied head), every row of a batch against that row decoded alone, greedy
+generation token for token, torch.compile of the step (fullgraph), the floor's byte count. On a GPU also bf16 and
+autocast, through the recorded CUDA graph.
 
 As in test_kernels.py, the Triton kernels run on CPU in triton's interpreter (TRITON_INTERPRET=1), in a child pytest
 (test_child_runs_triton_tests) so that the interpreter stays out of the other test modules.
@@ -15,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kernels_decode as kd  # noqa: E402
@@ -45,15 +47,21 @@ def tokens(B, T, seed=1):
     return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def decode_both(m, idx, steps, fused="fused", T_extra=2):
-    """Logits [steps, B, vocab] and the cache of the eager and of the fused decoder (mode `fused`) after the same
-    prefill, each fed the eager step's greedy tokens."""
+def decode_both(m, idx, steps, T_extra=2):
+    """Logits [steps, B, vocab] and the cache of the eager and of the fused decoder after the same prefill (run once:
+    in the interpreter it takes seconds), each fed the eager step's greedy tokens."""
     out = {}
     forced = None
-    for mode in ("eager", fused):
-        cache = m.new_cache(idx.shape[0], idx.shape[1] + steps + T_extra)
-        with torch.no_grad():
-            m(idx, cache=cache)
+    prefilled = m.new_cache(idx.shape[0], idx.shape[1] + steps + T_extra)
+    with torch.no_grad():
+        m(idx, cache=prefilled)
+    for mode in ("eager", "fused"):
+        cache = m.new_cache(idx.shape[0], prefilled.max_len)
+        for a, b in zip(cache, prefilled):
+            for key in {"k", "v", "state"} & b.keys():
+                a[key].copy_(b[key])
+        cache.pos = prefilled.pos
+        cache.pos_t.fill_(prefilled.pos)
         step, x, logits = decoder(m, cache, mode), idx[:, -1:], []
         for i in range(steps):
             logits.append(step(x))
@@ -61,7 +69,7 @@ def decode_both(m, idx, steps, fused="fused", T_extra=2):
         if forced is None:
             forced = [lg.argmax(-1, keepdim=True) for lg in logits]
         assert cache.pos == cache.pos_t.item() == idx.shape[1] + steps
-        out["fused" if mode == fused else mode] = (torch.stack(logits), cache)
+        out[mode] = (torch.stack(logits), cache)
     return out
 
 
@@ -164,26 +172,56 @@ def test_triton_gla_decode(act, wdt, tol):
     assert not torch.equal(states[0], S)
 
 
+def gdn_inputs(B, H, K, gen):
+    """A merged GDN projection row [q | k | v | g_proj | a | b] per row, with decay inputs a from -30 to 30 (softplus
+    past its threshold of 20, and far below 0), and A_log, dt_bias, o_norm's weight, a state."""
+    proj = torch.randn(B, 4 * H * K + 2 * H, generator=gen)
+    proj[:, 4 * H * K:4 * H * K + H] = torch.linspace(-30, 30, B * H).view(B, H)
+    a_log = torch.empty(H).uniform_(0, 16, generator=gen).log()
+    dt_bias = torch.randn(H, generator=gen) - 3
+    nw = 1 + 0.1 * torch.randn(K, generator=gen)
+    return proj, a_log, dt_bias, nw, torch.randn(B, H, K, K, generator=gen)
+
+
 @needs_triton
-@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_norm_linear_swiglu_linear(dt):
-    # widths that are not multiples of the kernel's blocks (D = 80 of BD = 128, N = 150 of BN = 16); 1 and 3 rows
+@pytest.mark.parametrize("act,wdt,tol", DTYPES, ids=DT_IDS)
+def test_triton_gdn_decode(act, wdt, tol):
     gen = torch.Generator().manual_seed(0)
-    tol = 1e-5 if dt == torch.float32 else BF16
-    D, N, I = 80, 150, 72
-    nw = (1 + 0.1 * torch.randn(D, generator=gen)).to(dt).to(DEV)
-    W, b = (torch.randn(N, D, generator=gen) * 0.1).to(dt).to(DEV), torch.randn(N, generator=gen).to(dt).to(DEV)
-    W2 = (torch.randn(N, I, generator=gen) * 0.1).to(dt).to(DEV)
-    for B in (1, 3):
-        x, y = (torch.randn(B, D, generator=gen).to(dt).to(DEV) for _ in range(2))
-        for yy, bb, odt in ((None, None, dt), (y, b, dt), (y, None, torch.float32)):
-            out, res = kd._linear_triton("rms", x, yy, nw, 1e-6, W, bb, odt)
-            ref_out, ref_res = kd.norm_linear_ref(x, yy, nw, 1e-6, W, bb, odt)
-            close(out, ref_out, max(tol, 1e-5))
-            close(res, ref_res, 0)
-        gu = torch.randn(B, 2 * I, generator=gen).to(dt).to(DEV)
-        close(kd._linear_triton("swiglu", gu, None, None, 0.0, W2, None, dt)[0], kd.swiglu_linear_ref(gu, W2),
-              max(tol, 1e-5))
+    B, H, K = 2, 6, 16
+    proj, a_log, dt_bias, nw, S = gdn_inputs(B, H, K, gen)
+    proj = proj.to(act).to(DEV)
+    a_log, dt_bias, nw = (t.to(wdt).to(DEV) for t in (a_log, dt_bias, nw))
+    states = [S.clone().to(DEV), S.clone().to(DEV)]
+    out = kd._gdn_decode_triton(proj, a_log, dt_bias, states[0], nw, 1e-5, K ** -0.5, H, wdt)
+    ref = kd.gdn_decode_ref(proj, a_log, dt_bias, states[1], nw, 1e-5, K ** -0.5, H, wdt)
+    close(out, ref, max(tol, 0 if act == torch.float32 else 2e-2))  # as test_triton_gla_decode
+    close(states[0], states[1], 1e-5)
+    assert not torch.equal(states[0], S.to(DEV))
+
+
+@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=needs_triton)])
+def test_gdn_decode_equals_recurrence(impl):
+    """fp32: T = 5 steps of gdn_decode (the reference, or the Triton kernel) from a random state, against
+    kernels_gdn.gdn_recurrent_ref on the activations written out as method.md defines them, then o_norm and the
+    gate: every output and the final state."""
+    from kernels_gdn import gdn_recurrent_ref
+    gen = torch.Generator().manual_seed(0)
+    B, H, K, T = 2, 3, 16, 5
+    _, a_log, dt_bias, nw, S0 = gdn_inputs(B, H, K, gen)
+    projs = torch.stack([gdn_inputs(B, H, K, gen)[0] for _ in range(T)], 1)  # [B, T, 4 H K + 2 H]
+    state, outs = S0.clone().to(DEV), []
+    step = kd._gdn_decode_triton if impl == "triton" else kd.gdn_decode_ref
+    for t in range(T):
+        outs.append(step(projs[:, t].to(DEV), a_log.to(DEV), dt_bias.to(DEV), state, nw.to(DEV), 1e-5, K ** -0.5, H,
+                         torch.float32).cpu())
+    q, k, v, gate, a, b = projs.split([H * K] * 4 + [H, H], dim=-1)
+    q, k, v, gate = (F.silu(x).view(B, T, H, K) for x in (q, k, v, gate))
+    q, k = (x / (x.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt() for x in (q, k))
+    g = -a_log.exp() * F.softplus(a + dt_bias)
+    o, S = gdn_recurrent_ref(q, k, v, g, torch.sigmoid(b), K ** -0.5, initial_state=S0, output_final_state=True)
+    ref = nw * o / (o.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * gate  # [B, T, H, K]
+    close(torch.stack(outs, 1), ref.reshape(B, T, H * K), 1e-5)
+    close(state.cpu(), S, 1e-5)
 
 
 def test_attend_split_choice():
@@ -197,28 +235,28 @@ def test_attend_split_choice():
 
 MODELS = {"teacher": (["attn"] * 3, "llama", False), "hybrid": (["attn", "gla", "gla", "attn"], "llama", True),
           "all-gla": (["gla"] * 3, "llama", False), "qwen2-bias": (["attn", "gla"], "qwen2", False),
-          "qwen3-qknorm": (["gla", "attn"], "qwen3", True)}
+          "qwen3-qknorm": (["gla", "attn"], "qwen3", True),
+          "gdn-hybrid": (["gdn", "attn", "gla", "gdn"], "llama", True), "qwen2-gdn": (["attn", "gdn"], "qwen2", False)}
 
 
-@pytest.mark.parametrize("mode", ["fused", "fused-cublas"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_fused_step_equals_eager_step(name, mode):
+def test_fused_step_equals_eager_step(name):
     """fp32, CPU: the fused step's logits and cache equal the eager step's over 6 steps; generation is the same."""
     mixers, arch, tie = MODELS[name]
     m = tiny(mixers, arch, tie)
     idx = tokens(2, 9)
-    out = decode_both(m, idx, 6, mode)
+    out = decode_both(m, idx, 6)
     (le, ce), (lf, cf) = out["eager"], out["fused"]
     assert (le - lf).abs().max() <= 1e-5 * le.abs().max()  # ~1e-7 with the references; ~1e-6 Triton (interpreted)
     assert_caches_equal(ce, cf, 1e-5)
-    assert torch.equal(generate(m, idx, 8, decode="eager"), generate(m, idx, 8, decode=mode))
+    assert torch.equal(generate(m, idx, 8, decode="eager"), generate(m, idx, 8, decode="fused"))
 
 
 @needs_triton
 def test_triton_fused_step_equals_eager_step():
     """The fused step with the Triton kernels (interpreter on CPU): the eager step's logits, cache and greedy tokens
     (both are fed the eager step's tokens, so equal argmaxes are equal greedy generations)."""
-    m = tiny(["attn", "gla"], tie=True).to(DEV)
+    m = tiny(["attn", "gla", "gdn"], tie=True).to(DEV)
     idx = tokens(2, 9).to(DEV)
     out = decode_both(m, idx, 3)
     (le, ce), (lf, cf) = out["eager"], out["fused"]
@@ -226,10 +264,37 @@ def test_triton_fused_step_equals_eager_step():
     assert_caches_equal(ce, cf, 1e-5)
 
 
+@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=needs_triton)])
+def test_fused_step_rows_are_independent(impl):
+    """Rows of different tokens: each row's logits from the fused step are those of the same row decoded alone
+    (B = 1), and the eager step's, batched and alone (no mixing of rows; each row its own cache and state). The
+    cache has one position for all rows (lm_eval_nanohybrid feeds a row with a shorter prompt its prompt tokens
+    through the step), so the rows are fed fixed tokens: a one-token prefill, then the steps. The interpreter runs
+    fewer rows and steps (each of its programs takes milliseconds)."""
+    B, steps = (3, 5) if impl == "ref" else (2, 3)
+    m = tiny(["attn", "gla", "gdn"]).to(DEV)
+    idx = tokens(B, steps + 1, seed=2).to(DEV)
+
+    def run(rows, mode):
+        cache = m.new_cache(len(rows), steps + 2)
+        with torch.no_grad():
+            m(idx[rows, :1], cache=cache)
+        step = decoder(m, cache, mode)
+        return torch.stack([step(idx[rows, t:t + 1]) for t in range(1, steps + 1)], 1)  # [rows, steps, vocab]
+
+    ref = run(list(range(B)), "eager")
+    for mode in ("eager", "fused"):
+        batch = run(list(range(B)), mode)
+        assert (batch - ref).abs().max() <= 1e-5 * ref.abs().max(), mode
+        for b in range(B):
+            alone = run([b], mode)[0]
+            assert (alone - batch[b]).abs().max() <= 1e-5 * batch[b].abs().max(), (mode, b)
+
+
 def test_fused_step_compiles_fullgraph():
     """torch.compile traces the whole step without a graph break (the kernels are custom ops, their cache writes
     in place); aot_eager keeps the CPU test fast, a GPU runs inductor in test_gpu_fused_decoder_bf16."""
-    m = tiny(["attn", "gla"])
+    m = tiny(["attn", "gla", "gdn"])
     idx = tokens(2, 9)
     logits = []
     for backend in (None, "aot_eager"):
@@ -251,8 +316,9 @@ def test_fused_step_compiles_fullgraph():
 def test_decoder_modes_and_fallback(monkeypatch):
     m = tiny(["attn", "gla"])
     cache = m.new_cache(1, 12)
-    with pytest.raises(ValueError, match="'eager', 'fused' or 'fused-cublas'"):
-        decoder(m, cache, "graph")
+    for mode in ("graph", "fused-cublas"):  # fused-cublas: the name "fused" had when a second fused mode existed
+        with pytest.raises(ValueError, match="'eager' or 'fused'"):
+            decoder(m, cache, mode)
     # a mixer fused_step has no branch for (a new kind, before its kernel exists) decodes with the eager step
     monkeypatch.setattr(M, "FUSED_MIXERS", ("attn",))
     monkeypatch.setattr(Transformer, "decode_plan", lambda *a: pytest.fail("the fused step was built"))
@@ -262,32 +328,32 @@ def test_decoder_modes_and_fallback(monkeypatch):
 
 
 def test_step_bytes():
-    """The floor's numerator: weights once (a tied head once), K and V up to pos, GLA states read and written."""
+    """The floor's numerator: weights once (a tied head once), K and V up to pos, GLA and GDN states read and
+    written."""
     for tie in (False, True):
-        m = tiny(["attn", "gla", "attn"], tie=tie)
+        m = tiny(["attn", "gla", "attn", "gdn"], tie=tie)
         params = sum(p.numel() for p in m.parameters())  # parameters() lists a tied matrix once
         weights = 4 * (params - (0 if tie else 97 * 80))  # an untied embedding is read only in B rows
         kv, state = 2 * 3 * 2 * 101 * 16 * 4, 2 * 3 * 6 * 16 * 16 * 4
-        assert kd.step_bytes(m, 3, 100) == weights + 2 * kv + state
+        assert kd.step_bytes(m, 3, 100) == weights + 2 * kv + 2 * state
 
 
 # ------------------------------------------------------------------------------------------- GPU: bf16, graphs
 
 @needs_gpu
-@pytest.mark.parametrize("fused,compile", [
-    ("fused", False), ("fused-cublas", False),
+@pytest.mark.parametrize("compile", [
+    False,
     # seen on an H200 (torch 2.11): recording the compiled step fails ("operation not permitted when stream is
     # capturing"); strict, so that a torch where it works says so
-    pytest.param("fused", True, marks=pytest.mark.xfail(strict=True, reason="compiled step not recordable (H200, "
-                                                                               "torch 2.11)"))],
-    ids=["fused", "cublas", "compile"])
-def test_gpu_fused_decoder_bf16(fused, compile):
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason="compiled step not recordable (H200, torch 2.11)"))],
+    ids=["fused", "compile"])
+def test_gpu_fused_decoder_bf16(compile):
     """bf16 weights, both steps recorded as CUDA graphs: logits close, greedy tokens equal wherever the eager step's
     top-2 margin is not a tie at bf16 precision."""
-    m = tiny(["attn", "gla", "gla", "attn"]).to("cuda", torch.bfloat16)
+    m = tiny(["attn", "gla", "gdn", "attn"]).to("cuda", torch.bfloat16)
     idx = tokens(3, 11).cuda()
     runs = []
-    for mode in ("eager", fused):
+    for mode in ("eager", "fused"):
         cache = m.new_cache(3, 40)
         with torch.no_grad():
             m(idx, cache=cache)
@@ -308,7 +374,7 @@ def test_gpu_fused_decoder_bf16(fused, compile):
 @needs_gpu
 def test_gpu_fused_decoder_autocast():
     """fp32 weights under bf16 autocast (eval's recall runs): the fused step follows the eager step's roundings."""
-    m = tiny(["attn", "gla", "gla", "attn"]).cuda()
+    m = tiny(["attn", "gla", "gdn", "attn"]).cuda()
     idx = tokens(3, 11).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = decode_both(m, idx, 8)
