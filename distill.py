@@ -79,6 +79,8 @@ class Config:
     eval_every: int = 0           # validation KL every N steps (0 = only at the end)
     log_every: int = 10           # print and log every N steps (the host waits for the GPU only then)
     save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
+    snapshots: str = ""           # token counts (e.g. 5000000,20000000) at which a copy of the model is kept in
+                                  # <out>/tokens_<n>/ckpt.pt: quality against distill tokens from one run
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings), or say it is finished
     compile: str = "auto"         # torch.compile the student's blocks: auto (on the GPU) | true | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP (students that do not fit one GPU)
@@ -337,6 +339,18 @@ def main(cfg):
                               metrics=metrics, tokenizer=parent["tokenizer"], teacher=teacher_info,
                               train_state=train_state, state_dict=weights)
 
+    snapshots = sorted(int(float(x)) for x in cfg.snapshots.split(",") if x)
+
+    def snapshot(step):
+        """The model as it is after `step` steps, when a --snapshots token count was crossed in this step."""
+        done = step * tokens_per_step
+        for n in (n for n in snapshots if done - tokens_per_step < n <= done):
+            weights, _ = full_state(student, None, d, cfg.shard)
+            if d.main:
+                M.save_checkpoint(os.path.join(out_dir, f"tokens_{n}", "ckpt.pt"), student, stage="distill",
+                                  config=asdict(cfg), parent=cfg.input, metrics={"step": step, "tokens": done},
+                                  tokenizer=parent["tokenizer"], teacher=teacher_info, state_dict=weights)
+
     # ---- train
     log = Logger(out_dir, cfg.steps, start, d.main)
     kls = [torch.tensor(k, device=device) for k in state["history"]] if state else []  # per step, on the device
@@ -358,6 +372,7 @@ def main(cfg):
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save({"step": step + 1}, step + 1)
             last_ckpt = ckpt_path
+        snapshot(step + 1)
 
     # ---- evaluate, re-tie, save
     kls = [float(k) for k in kls]

@@ -1,44 +1,147 @@
 #!/usr/bin/env bash
-# The result of the README (issue: KL-guided selection against uniform and GA-S1 on SmolLM2-135M, one GPU).
+# The study at scale: KL-guided layer selection against uniform interleaving and GA-S1, for GLA and GDN students, at
+# 12.5%, 25% and 50% softmax layers of the teacher (SmolLM2-135M-Instruct by default), with the all-linear student
+# and the teacher as bounds, at the paper's 4096-token sequences and >= 50M tokens per 25% hybrid.
 #
-# One Stage-1 checkpoint, every layer scored, then for budgets 8 and 4 of 30 softmax layers a hybrid per selection
-# method (kl, uniform, ga_s1), each distilled with the same data, seed, steps and settings, plus the all-linear
-# student; then one eval of all of them beside the teacher. Finetune (Stage 3) is left out: it would be the same
-# for every method, and the comparison is about the selection.
+# It takes hours of GPU time, more than one lease of a machine, so it runs in parts. A part starts from the teacher
+# and redoes what it needs (data, Stage 0 and Stage 1 with the same seed and tokens: the same student), then leaves
+# its small files under results/study/<part>/ (scores, selections, eval.json, the stages' logs, its time), which are
+# committed. Checkpoints stay on the machine. `status` says which parts are done; `next` runs the others.
 #
-#   bash results/reproduce.sh DATA_DIR [OUT_DIR]     # DATA_DIR: token files of data.py (../shared/corpus here)
+#   bash results/reproduce.sh status          # every part, done or not, and its time (measured, or the estimate)
+#   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs)
+#   bash results/reproduce.sh part NAME       # one part by name (see `status`)
+#   python results/report.py                  # the table, retention, curves and score plots from results/study/
 #
-# Sizes are environment variables: ALIGN_STEPS, SCORE_STEPS, DISTILL_STEPS, EVAL_N.
+# Parts (each fits one lease of a GPU): score_<student> (Stage 1, every layer scored, and the all-linear bound), then
+# for method kl (needs score_<student>), uniform and ga_s1: <student>_<method>_25 (Stage 1 again, the 25% hybrid
+# with DISTILL_TOKENS and snapshots at 5M and 20M tokens for the curve of recall against tokens) and
+# <student>_<method>_small (Stage 1 again, the 12.5% and 50% hybrids with SMALL_TOKENS); every hybrid finetuned and
+# evaluated beside the teacher. Same seed, data and steps for every method.
+#
+# Sizes (environment): ALIGN_TOKENS, DISTILL_TOKENS, SMALL_TOKENS, FINETUNE_TOKENS, SEQ_LEN, BATCH, PROMPTS (recall
+# prompts per task and length: 100 keeps a cell's standard error under 0.05), RULER=1 (lm-eval's offline RULER
+# too), TEACHER, DATA_SRC (data.py --data), PRESET=cpu (a tiny run of every command on the CPU with a small TEACHER:
+# a check of the plumbing, tests/test_study.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DATA_DIR="$1"; OUT_DIR="${2:-out}"; RUN="${RUN:-result}"; PY="${PYTHON:-python}"
-ALIGN_STEPS="${ALIGN_STEPS:-300}"; SCORE_STEPS="${SCORE_STEPS:-60}"; DISTILL_STEPS="${DISTILL_STEPS:-300}"
-R=(--run_name="$RUN" --out_dir="$OUT_DIR")
-D="$OUT_DIR/$RUN"
-mkdir -p "$D/logs"
-# t NAME CMD...: run one step, keep its whole output in logs/NAME.log, show the step lines, time it.
-t() { local name=$1 t0=$SECONDS; shift; echo "======== $name: $*"
-      "$@" > "$D/logs/$name.log" 2>&1; local rc=$?
-      grep -E "^(step|final|probes|scoring|selected|layers|Traceback)|Error" "$D/logs/$name.log" | tail -n 12
-      echo "time $name $((SECONDS - t0))s rc $rc" | tee -a "$D/logs/times.txt"; return $rc; }
+PY="${PYTHON:-python}"
+RES="${RES:-results/study}"; OUT_DIR="${OUT_DIR:-out}"; TEACHER="${TEACHER:-}"
+STUDENTS=(gla gdn); METHODS=(kl uniform ga_s1)
+if [ "${PRESET:-gpu}" = cpu ]; then
+  ALIGN_TOKENS=${ALIGN_TOKENS:-512}; DISTILL_TOKENS=${DISTILL_TOKENS:-512}; SMALL_TOKENS=${SMALL_TOKENS:-256}
+  FINETUNE_TOKENS=${FINETUNE_TOKENS:-256}; SEQ_LEN=${SEQ_LEN:-64}; BATCH=${BATCH:-2}; PROMPTS=${PROMPTS:-1}
+  SNAPSHOTS="128,256"; SCORE=(--steps=2 --eval_every=1 --patience=0 --batch_size=2 --seq_len=64)
+  EVAL=(--lengths=1024 --tasks=niah_single --ppl_seq_len=64 --ppl_windows=2 --batch_size=2 --device=cpu)
+  DATA=(--max_tokens=400000 --valid_tokens=40000)
+else
+  ALIGN_TOKENS=${ALIGN_TOKENS:-50000000}; DISTILL_TOKENS=${DISTILL_TOKENS:-50000000}
+  SMALL_TOKENS=${SMALL_TOKENS:-12500000}; FINETUNE_TOKENS=${FINETUNE_TOKENS:-5000000}; SEQ_LEN=${SEQ_LEN:-4096}
+  BATCH=${BATCH:-8}; PROMPTS=${PROMPTS:-100}; SNAPSHOTS="5000000,20000000"
+  SCORE=(--steps=300 --eval_every=10 --patience=3 --batch_size=8 --seq_len=1024)   # the early stop ends them
+  EVAL=(--lengths=1024,2048,4096 --batch_size=32 --speed=off)
+  DATA=(--max_tokens=100000000)
+fi
+steps() { echo $(( ($1 + BATCH * SEQ_LEN - 1) / (BATCH * SEQ_LEN) )); }   # steps that hold at least $1 tokens
+SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
+RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
+[ "${RULER:-0}" = 1 ] && EVAL+=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
+# GPU minutes of each part on one H200, from the rates measured there (README): Stage 1 ~135k tok/s, distill at
+# 8 x 4096 ~181k (GDN ~1.3x slower), scoring ~5 min, an eval of two models ~4 min; a plan, not a measurement
+declare -A ESTIMATE_MIN=([score]=22 [25]=20 [small]=16)
 
-t transfer $PY transfer.py "${R[@]}" || exit 1
-t align $PY align.py "${R[@]}" --data_dir="$DATA_DIR" --steps="$ALIGN_STEPS" --batch_size=32 --seq_len=512 --log_every=25 || exit 1
-t score $PY score.py "${R[@]}" --steps="$SCORE_STEPS" --eval_every=10 --patience=3 --batch_size=8 --seq_len=1024 --warmup=10 || exit 1
-DIST=(--steps="$DISTILL_STEPS" --batch_size=16 --seq_len=1024 --warmup=20 --save_every=0 --valid_batches=16)
-hybrid() {  # hybrid METHOD K: select K layers by METHOD, distill that hybrid
-  t "select_$1_$2" $PY select_layers.py "${R[@]}" --method="$1" --budget="$2" --out="selection_$1_$2.json" &&
-  t "distill_$1_$2" $PY distill.py "${R[@]}" --selection="$D/select/selection_$1_$2.json" --out="distill_$1_$2" "${DIST[@]}"
+parts() {
+  for s in "${STUDENTS[@]}"; do echo "score_$s"; done
+  for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_25"; echo "${s}_${m}_small"; done; done
 }
-for k in 8 4; do for method in kl uniform ga_s1; do hybrid "$method" "$k"; done; done
-t distill_linear $PY distill.py "${R[@]}" --layers=none --out=distill_linear "${DIST[@]}"
-# Quality and recall of every hybrid, the all-linear students (Stage 1 alone, and after distill) and the teacher.
-MODELS="$D/align/ckpt.pt"
-for m in kl_8 uniform_8 ga_s1_8 kl_4 uniform_4 ga_s1_4 linear; do MODELS="$MODELS,$D/distill_$m/ckpt.pt"; done
-t eval $PY eval.py "${R[@]}" --data_dir="$DATA_DIR" --models="$MODELS" --lengths=1024,2048,4096 --prompts="${EVAL_N:-20}" \
-  --batch_size=60 --speed=off
-# Speed and memory depend on the layout only (K softmax layers), so they are measured once per budget.
-t eval_speed $PY eval.py --run_name="${RUN}_speed" --out_dir="$OUT_DIR" --data_dir="$DATA_DIR" --ppl_windows=8 \
-  --models="$D/distill_kl_8/ckpt.pt,$D/distill_kl_4/ckpt.pt,$D/distill_linear/ckpt.pt" --tasks=mqar --lengths=1024 --prompts=2 \
-  --speed=on --speed_lengths=1024,4096,16384,32768
-cat "$D/logs/times.txt"
+done_part() { [ -f "$RES/$1/done" ]; }
+
+# st NAME CMD...: one stage of a part, its whole output in $RES/$PART/logs/NAME.log, its time in times.txt
+st() {
+  local name=$1 t0=$SECONDS; shift
+  mkdir -p "$RES/$PART/logs"
+  echo "$(date +%T) $PART: $name: $*"
+  "$@" > "$RES/$PART/logs/$name.log" 2>&1; local rc=$?
+  echo "$name $((SECONDS - t0))s rc=$rc" >> "$RES/$PART/times.txt"
+  [ $rc = 0 ] || { echo "$PART: $name failed (rc $rc): $RES/$PART/logs/$name.log" >&2; tail -n 5 "$RES/$PART/logs/$name.log" >&2; }
+  return $rc
+}
+
+stage1() {  # data, Stage 0 and Stage 1 of student $1 in run $RUN (skipped where already there)
+  st data $PY data.py --run_name="$RUN" --out_dir="$OUT_DIR" --teacher="$TEACHER" --data="${DATA_SRC:-auto}" "${DATA[@]}" &&
+  st transfer $PY transfer.py --run_name="$RUN" --out_dir="$OUT_DIR" --teacher="$TEACHER" --mixer="$1" &&
+  st align $PY align.py --run_name="$RUN" --out_dir="$OUT_DIR" --resume=true --steps="$(steps "$ALIGN_TOKENS")" \
+    "${SHAPE[@]}" --save_every=200
+}
+
+hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finetune, eval one hybrid of run $RUN
+  local name=$1 sel=$2 tokens=$3 snaps=${4:-} d="$OUT_DIR/$RUN" layers
+  if [ "$sel" = none ]; then    # the all-linear student: no softmax layer to select
+    layers=(--layers=none)
+  else
+    # shellcheck disable=SC2086  # sel is a list of flags
+    st "select_$name" $PY select_layers.py --run_name="$RUN" --out_dir="$OUT_DIR" $sel --out="selection_$name.json" ||
+      return 1
+    layers=(--selection="$d/select/selection_$name.json")
+  fi
+  st "distill_$name" $PY distill.py --run_name="$RUN" --out_dir="$OUT_DIR" "${layers[@]}" --out="distill_$name" \
+    --resume=true --steps="$(steps "$tokens")" "${SHAPE[@]}" --save_every=200 --valid_batches=16 --snapshots="$snaps" &&
+  st "finetune_$name" $PY finetune.py --run_name="$RUN" --out_dir="$OUT_DIR" --input="$d/distill_$name/ckpt.pt" \
+    --out="finetune_$name" --resume=true --steps="$(steps "$FINETUNE_TOKENS")" "${SHAPE[@]}" --kl_weight=0.5 \
+    --save_every=200 --valid_batches=16 || return 1
+  st "eval_$name" $PY eval.py --run_name="$RUN" --out_dir="$OUT_DIR" --models="$d/finetune_$name/ckpt.pt" \
+    --prompts="$PROMPTS" "${EVAL[@]}" || return 1
+  mkdir -p "$RES/$PART/$name" && cp "$d/eval/eval.json" "$RES/$PART/$name/" || return 1
+  if [ -n "$snaps" ]; then   # the curve: the snapshots and the whole distill, with a quarter of the prompts
+    local models="" n
+    for n in ${snaps//,/ }; do models="$models$d/distill_$name/tokens_$n/ckpt.pt,"; done
+    st "eval_curve_$name" $PY eval.py --run_name="${RUN}_curve" --out_dir="$OUT_DIR" --data_dir="$d/data" \
+      --models="$models$d/distill_$name/ckpt.pt" --prompts="$(( (PROMPTS + 3) / 4 ))" "${EVAL[@]}" &&
+    cp "$OUT_DIR/${RUN}_curve/eval/eval.json" "$RES/$PART/$name/eval_curve.json" || return 1
+  fi
+  [ "$sel" = none ] || cp "$d/select/selection_$name.json" "$RES/$PART/$name/"
+}
+
+part() {
+  PART=$1; RUN="study_$1"; local t0=$SECONDS student=${1#score_} method="" size="" rest
+  case " $(parts | tr '\n' ' ') " in *" $1 "*) ;; *) echo "unknown part '$1': $(parts | tr '\n' ' ')" >&2; return 2 ;; esac
+  if [ "${1#score_}" = "$1" ]; then student=${1%%_*}; rest=${1#*_}; method=${rest%_*}; size=${rest##*_}; fi
+  if [ "$method" = kl ] && ! done_part "score_$student"; then
+    echo "$1 needs the scores of part score_$student: run that part first" >&2; return 2
+  fi
+  rm -f "$RES/$PART/times.txt"; mkdir -p "$RES/$PART"
+  stage1 "$student" || return 1
+  local src=""; [ "$method" = kl ] && src="--scores=$RES/score_$student/scores.json"
+  if [ -z "$method" ]; then   # every layer scored, and the all-linear bound
+    st score $PY score.py --run_name="$RUN" --out_dir="$OUT_DIR" --budget=0.125,0.25,0.5 "${SCORE[@]}" &&
+    cp "$OUT_DIR/$RUN/score/scores.json" "$RES/$PART/" &&
+    hybrid linear none "$DISTILL_TOKENS" || return 1
+  elif [ "$size" = 25 ]; then
+    hybrid "${method}_25" "--method=$method --budget=0.25 $src" "$DISTILL_TOKENS" "$SNAPSHOTS" || return 1
+  else
+    hybrid "${method}_12" "--method=$method --budget=0.125 $src" "$SMALL_TOKENS" &&
+    hybrid "${method}_50" "--method=$method --budget=0.5 $src" "$SMALL_TOKENS" || return 1
+  fi
+  echo "$((SECONDS - t0))s on $(${PY} -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")') at $(git describe --always --dirty) $(date +%F)" > "$RES/$PART/done"
+  echo "$PART done: $(cat "$RES/$PART/done")"
+}
+
+case "${1:-status}" in
+  status)
+    for p in $(parts); do
+      if done_part "$p"; then echo "  done     $p  ($(cat "$RES/$p/done"))"
+      else echo "  pending  $p  (~${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}} GPU-min on one H200, estimated)"; fi
+    done ;;
+  next)
+    n=${2:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}; i=0; pids=()
+    for p in $(parts); do
+      done_part "$p" && continue
+      case "$p" in *_kl_*) done_part "score_${p%%_*}" || continue ;; esac
+      [ $i -ge "$n" ] && break
+      CUDA_VISIBLE_DEVICES=$i part "$p" & pids+=($!); i=$((i + 1))
+    done
+    [ $i = 0 ] && echo "no part can run now: see status"
+    rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done; exit $rc ;;
+  part) part "${2:?part NAME}" ;;
+  *) echo "usage: bash results/reproduce.sh status | next [N] | part NAME" >&2; exit 2 ;;
+esac

@@ -104,7 +104,8 @@ def test_optimizer_groups_follow_radlads(aligned):
 # ------------------------------------------------------------------------------------------------------ training
 
 def test_distill_trains_and_saves(aligned, tmp_path):
-    m = run_distill(aligned, tmp_path, steps=24, lr_mixer=3e-3, lr_other=3e-4, valid_batches=2, save_every=10)
+    m = run_distill(aligned, tmp_path, steps=24, lr_mixer=3e-3, lr_other=3e-4, valid_batches=2, save_every=10,
+                    snapshots="64,1e3")
     out = os.path.join(tmp_path, "d", "distill")
     kls = [json.loads(line)["kl"] for line in open(os.path.join(out, "log.jsonl"))]
     assert len(kls) == 24 and all(k >= 0 and k == k for k in kls)
@@ -115,6 +116,12 @@ def test_distill_trains_and_saves(aligned, tmp_path):
     assert model.config.mixers == ["gla", "attn", "gla", "gla"]
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert m["valid_kl"] >= 0 and m["tokens"] == 24 * 2 * 32 and ck["config"]["teacher"] == aligned.teacher
+    # --snapshots: the model as it was when each token count was crossed (64 tokens a step: steps 1 and 16)
+    snaps = {n: M.load_checkpoint(os.path.join(out, f"tokens_{n}", "ckpt.pt")) for n in (64, 1000)}
+    assert [snaps[n][1]["metrics"] for n in (64, 1000)] == [{"step": 1, "tokens": 64}, {"step": 16, "tokens": 1024}]
+    final = model.model.layers[0].self_attn.q_proj.weight
+    w = {n: snaps[n][0].model.layers[0].self_attn.q_proj.weight for n in snaps}
+    assert not torch.equal(w[64], w[1000]) and not torch.equal(w[1000], final)
 
 
 def test_selection_file_untie_retie_and_subfolder(aligned, tmp_path):

@@ -1,0 +1,103 @@
+"""
+The study's report from its committed files (results/reproduce.sh writes them part by part): one table of every
+hybrid (student x method x budget) beside the teacher and the all-linear student, the retention of the teacher's
+recall per length, the curve of recall against distill tokens of the 25% hybrids, and the per-layer score plots of
+both students. CPU only; parts not run yet are left out and named.
+
+    python results/report.py                       # prints the report, writes results/study/report.md (+ png)
+    python results/report.py --res=results/study --out=results/study/report.md
+"""
+
+import glob
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import parse_args  # noqa: E402
+
+LENGTHS = ("1024", "2048", "4096")
+
+
+@dataclass
+class Config:
+    res: str = "results/study"      # the study's files (results/reproduce.sh)
+    out: str = ""                   # the report; "" -> <res>/report.md (plots beside it)
+
+
+def row(label, m, teacher):
+    """One line of the table: recall (avg and per length), retention per length, KL, perplexity."""
+    r = m["recall"]
+    by = r["by_length"]
+    keep = [by.get(n, 0) / teacher["recall"]["by_length"][n] if teacher["recall"]["by_length"].get(n) else None
+            for n in LENGTHS]
+    cells = [label, f"{r['avg']:.3f}", " / ".join(f"{by.get(n, float('nan')):.3f}" for n in LENGTHS),
+             " / ".join("n/a" if k is None else f"{100 * k:.0f}%" for k in keep), f"{m.get('kl') or 0:.3f}",
+             f"{m['ppl']:.2f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(cfg):
+    out = cfg.out or os.path.join(cfg.res, "report.md")
+    evals, part_of = {}, {}   # (student, name) -> eval.json's models, and the part that made it
+    for path in sorted(glob.glob(os.path.join(cfg.res, "*", "*", "eval.json"))):
+        part, name = path.split(os.sep)[-3:-1]
+        student = part.split("_")[1] if part.startswith("score_") else part.split("_")[0]
+        evals[(student, name)] = json.load(open(path))["models"]
+        part_of[(student, name)] = part
+    if not evals:
+        raise SystemExit(f"no eval.json under {cfg.res}/<part>/<hybrid>/: run `bash results/reproduce.sh next` first")
+    teacher = next(iter(evals.values()))["teacher"]
+    lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
+             row("teacher", teacher, teacher)]
+    curves = {}
+    for (student, name), models in sorted(evals.items()):
+        final = next((m for label, m in models.items() if label.startswith("finetune")), None)
+        if final is None:
+            continue
+        k = sum(x == "attn" for x in final["mixers"])
+        lines.append(row(f"{student} {name} ({k} softmax)", final, teacher))
+        curve = os.path.join(cfg.res, part_of[(student, name)], name, "eval_curve.json")
+        if os.path.exists(curve):   # snapshots and the whole distill, evaluated with fewer prompts
+            cm = json.load(open(curve))["models"]
+            snaps = {int(label.split("_")[1]): m for label, m in cm.items() if label.startswith("tokens_")}
+            distilled = next(m for label, m in cm.items() if label.startswith("distill"))
+            curves[f"{student} {name}"] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [
+                ("all distill tokens", distilled["recall"]["avg"]), ("finetuned", final["recall"]["avg"])]
+    report = ["# The study: KL-guided selection at scale", "", "Recall: RULER's string_match_all over the six tasks of "
+              "recall.py; retention = hybrid / teacher recall at each length.", "", *lines, ""]
+    if curves:
+        report += ["Recall against distill tokens (25% hybrids, a quarter of the prompts; the last point finetuned, "
+                   "with all the prompts):", ""]
+        report += [f"- {name}: " + ", ".join(f"{n} {v:.3f}" for n, v in c) for name, c in curves.items()] + [""]
+    scores = {os.path.basename(os.path.dirname(p)).split("_", 1)[1]: json.load(open(p))["scores"]
+              for p in sorted(glob.glob(os.path.join(cfg.res, "score_*", "scores.json")))}
+    if scores:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, ax = plt.subplots(figsize=(8, 3))
+            for student, s in scores.items():
+                ax.plot(range(len(s)), s, marker="o", label=student)
+            ax.set(xlabel="layer", ylabel="probe KL (lower = keep softmax)", title="per-layer scores")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(os.path.dirname(out), "scores.png"), dpi=120)
+            report += ["Per-layer scores: scores.png", ""]
+        except ImportError:
+            report += ["(matplotlib is not installed: no score plot)", ""]
+    missing = sorted({p for p in os.listdir(cfg.res) if os.path.isdir(os.path.join(cfg.res, p))
+                      and not os.path.exists(os.path.join(cfg.res, p, "done"))})
+    if missing:
+        report += ["Parts started but not finished: " + ", ".join(missing), ""]
+    text = "\n".join(report)
+    print(text)
+    with open(out, "w") as f:
+        f.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main(parse_args(Config))

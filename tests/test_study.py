@@ -1,0 +1,38 @@
+"""results/reproduce.sh, the study at scale, in its CPU preset on the tiny teacher: parts run in order (a kl part
+refuses to start before its student's scores exist), leave their files under RES, say they are done, take the
+selection from the committed scores, and results/report.py builds the table and the curve from those files."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
+    res = tmp_path / "res"
+    env = dict(os.environ, PRESET="cpu", TEACHER=tiny_teacher, DATA_SRC=tiny_corpus, RES=str(res),
+               OUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+
+    def study(*args):
+        return subprocess.run(["bash", "results/reproduce.sh", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)
+
+    r = study("part", "gla_kl_25")
+    assert r.returncode == 2 and "needs the scores of part score_gla" in r.stderr
+    for part in ("score_gla", "gla_kl_25"):
+        r = study("part", part)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    status = study("status").stdout
+    assert "done     score_gla" in status and "done     gla_kl_25" in status and "pending  gdn_kl_25" in status
+    scores = json.load(open(res / "score_gla" / "scores.json"))["scores"]
+    chosen = json.load(open(res / "gla_kl_25" / "kl_25" / "selection_kl_25.json"))["layers"]
+    assert chosen == [min(range(len(scores)), key=scores.__getitem__)]   # 25% of 4 layers: the lowest score
+    curve = json.load(open(res / "gla_kl_25" / "kl_25" / "eval_curve.json"))["models"]
+    assert {"tokens_128", "tokens_256", "distill_kl_25"} <= curve.keys()
+    report = subprocess.run([sys.executable, "results/report.py", f"--res={res}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| gla kl_25 (1 softmax) |" in report.stdout and "| gla linear (0 softmax) |" in report.stdout
+    assert "- gla kl_25: 0.000128M" in report.stdout and (res / "report.md").exists()
