@@ -19,6 +19,7 @@ MFU = model FLOPs/s over the dense bf16 matmul rate measured here (an 8192^3 pro
     python bench_train.py --data_dir=out/smollm2/data                      # this checkout, every stage and shape
     python bench_train.py --data_dir=out/smollm2/data --repo=../old --json=before.json
     python bench_train.py --profile=true --shapes=preset,4096    # where a distill step's GPU time goes
+    torchrun --standalone --nproc_per_node=2 bench_train.py --allreduce_mb=106,540   # the link DDP averages over
 
 --profile=true runs no stage: it builds the distill step in this process (the run.sh hybrid, the bf16 teacher, the
 compiled blocks, fused AdamW: distill.py's own functions on random tokens) and traces a few steps with
@@ -27,6 +28,10 @@ normalisation and other fused elementwise kernels, the optimizer, copies) with t
 busy fraction (kernel time over wall time: the rest is the GPU waiting for the host) and the rate of the matmuls
 (the model's matmul FLOPs over the gemm kernels' time), which says whether the step is bound by its kernels or by
 launching them.
+
+--allreduce_mb (under torchrun) times all_reduce of fp32 tensors of those sizes, what DDP moves once per step: the
+mixers' gradients in align (106 MB for SmolLM2) and every parameter's in distill and finetune (540 MB). The bus
+bandwidth printed is the usual 2 (N-1)/N x bytes / time.
 """
 
 import json
@@ -69,6 +74,7 @@ class Config:
     json: str = ""                  # also write the rows here
     profile: bool = False           # instead: trace the distill step with torch.profiler at --shapes (see above)
     profile_steps: int = 5          # steps traced (after as many warm-up steps)
+    allreduce_mb: str = ""          # instead (under torchrun): all_reduce timings of these sizes, e.g. "106,540"
 
 
 def sh(repo, script, flags, log):
@@ -188,7 +194,35 @@ def profile_distill(cfg, transfer, teacher_src, B, T, device):
     return rows, wall, busy / wall, gemm_rate, sorted(kernels, reverse=True)
 
 
+def allreduce_rates(sizes_mb, reps=10):
+    """[(MB, median ms, bus GB/s)] of dist.all_reduce over torchrun's processes (NCCL on GPUs, gloo on CPUs)."""
+    import torch.distributed as dist
+    from common import init_dist
+    d = init_dist()
+    if d.world < 2:
+        raise SystemExit("--allreduce_mb needs several processes: torchrun --standalone --nproc_per_node=2 "
+                         "bench_train.py --allreduce_mb=106,540")
+    sync = torch.cuda.synchronize if d.device.startswith("cuda") else (lambda: None)
+    rows = []
+    for mb in sizes_mb:
+        x = torch.ones(int(mb * 2 ** 20) // 4, device=d.device)
+        times = []
+        for i in range(reps + 3):       # 3 warm-up calls
+            sync()
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times[3:])
+        rows.append((mb, t * 1e3, 2 * (d.world - 1) / d.world * x.numel() * 4 / t / 1e9))
+        print(f"all_reduce {mb:g} MB over {d.world} processes ({d.device}): {t * 1e3:.1f} ms, "
+              f"bus bandwidth {rows[-1][2]:.1f} GB/s", flush=True)
+    return rows
+
+
 def main(cfg):
+    if cfg.allreduce_mb:
+        return allreduce_rates([float(x) for x in cfg.allreduce_mb.split(",")])
     import distill
     from model import load_checkpoint
     from teachers import from_pretrained

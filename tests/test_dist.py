@@ -79,3 +79,12 @@ def test_a_failure_on_the_ranks_stops_the_run_with_its_message(aligned, common, 
     r = torchrun("distill.py", "--run_name=bad", f"--out_dir={tmp_path}", "--layers=1", "--steps=2", "--batch_size=3",
                  "--seq_len=32", "--device=cpu", *common)
     assert r.returncode != 0 and "--batch_size=3 does not split over 2 processes" in r.stderr
+
+
+def test_allreduce_benchmark_runs_under_torchrun():
+    """bench_train --allreduce_mb: the link DDP averages gradients over, timed on the ranks (gloo here)."""
+    r = torchrun("bench_train.py", "--allreduce_mb=1,4")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("all_reduce") == 2 and "over 2 processes" in r.stdout and "GB/s" in r.stdout
+    alone = torchrun("bench_train.py", "--allreduce_mb=1", procs=1)
+    assert alone.returncode != 0 and "needs several processes" in alone.stderr
