@@ -188,10 +188,11 @@ def profile_distill(cfg, transfer, teacher_src, B, T, device):
         times[group(e.key)] = times.get(group(e.key), 0.0) + ms
         kernels.append((ms, e.count // cfg.profile_steps, group(e.key), e.key))
     busy = sum(times.values())
+    launches = sum(n for _, n, _, _ in kernels)
     rows = sorted(((g, ms, ms / wall) for g, ms in times.items()), key=lambda r: -r[1])
     gemm_flops = B * T * (3 * linear_flops(student) + linear_flops(teacher))
     gemm_rate = gemm_flops / (times.get("gemm", 0) * 1e-3) if times.get("gemm") else None
-    return rows, wall, busy / wall, gemm_rate, sorted(kernels, reverse=True)
+    return rows, wall, busy / wall, gemm_rate, sorted(kernels, reverse=True), launches
 
 
 def allreduce_rates(sizes_mb, reps=10):
@@ -248,8 +249,9 @@ def main(cfg):
         for shape in cfg.shapes.split(","):
             flags = SHAPES[("distill", shape)]
             B, T = (int(flags.split(f"--{k}=")[1].split()[0]) for k in ("batch_size", "seq_len"))
-            rows, wall, busy, rate, kernels = profile_distill(cfg, transfer, cfg.teacher, B, T, dev)
-            print(f"\ndistill step {B} x {T} on {device}: {wall:.1f} ms wall, kernels busy {100 * busy:.0f}% of it, "
+            rows, wall, busy, rate, kernels, launches = profile_distill(cfg, transfer, cfg.teacher, B, T, dev)
+            print(f"\ndistill step {B} x {T} on {device}: {wall:.1f} ms wall, {launches} kernels (ops on the CPU), "
+                  f"busy {100 * busy:.0f}% of it, "
                   f"gemm kernels at {(rate or 0) / 1e12:.0f} TFLOP/s" + (f" ({100 * rate / peak:.0f}% of the "
                                                                         f"{peak / 1e12:.0f} measured)" if peak else ""))
             print("| kernel group | ms / step | share of the step |\n|---|---|---|")
@@ -259,7 +261,8 @@ def main(cfg):
             print("the 15 kernels that take longest (ms per step, launches per step, group, name):")
             for ms, n, g, key in kernels[:15]:
                 print(f"  {ms:7.3f} ms {n:5d}x  {g:28.28}  {key[:110]}")
-            result[shape] = dict(batch=B, seq_len=T, wall_ms=wall, busy=busy, gemm_tflops=rate and rate / 1e12,
+            result[shape] = dict(batch=B, seq_len=T, wall_ms=wall, busy=busy, launches=launches,
+                                 gemm_tflops=rate and rate / 1e12,
                                  groups={g: ms for g, ms, _ in rows},
                                  kernels=[dict(ms=ms, n=n, group=g, name=key) for ms, n, g, key in kernels[:40]])
         if cfg.json:

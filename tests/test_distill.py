@@ -237,11 +237,11 @@ def test_the_step_profile_accounts_for_the_step(aligned):
     matmuls are found, and the group rules send real kernel names of an H200 trace to their groups."""
     import bench_train
     cfg = bench_train.Config(profile=True, profile_steps=2)
-    rows, wall, busy, rate, kernels = bench_train.profile_distill(cfg, aligned.transfer_ckpt, aligned.teacher, 2, 16,
-                                                                   "cpu")
+    rows, wall, busy, rate, kernels, launches = bench_train.profile_distill(cfg, aligned.transfer_ckpt,
+                                                                             aligned.teacher, 2, 16, "cpu")
     groups = {g: ms for g, ms, _ in rows}
     assert wall > 0 and 0 < busy <= 1.05 and groups.get("gemm", 0) > 0 and rate > 0
-    assert abs(sum(groups.values()) - sum(ms for ms, *_ in kernels)) < 1e-6
+    assert abs(sum(groups.values()) - sum(ms for ms, *_ in kernels)) < 1e-6 and launches > 0
     assert [bench_train.group(n) for n in (
         "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT", "_chunk_output_kernel", "pytorch_flash::flash_fwd_kernel",
         "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "triton_red_fused__log_softmax_amax_0",
