@@ -143,11 +143,13 @@ def group(name):
 def linear_flops(model):
     """Forward FLOPs per token of the matmuls with weights (blocks and head): what the gemm kernels compute."""
     c = model.config
-    return 2 * sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2) + 2 * c.hidden_size * c.vocab_size
+    weights = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+    return 2 * weights + 2 * c.hidden_size * c.vocab_size
 
 
 def profile_distill(cfg, transfer, teacher_src, B, T, device):
-    """Trace distill.stage2_step at B x T: (rows [(group, ms per step, share)], wall ms, busy fraction, gemm TFLOP/s)."""
+    """Trace distill.stage2_step at B x T: (rows [(group, ms per step, share)], wall ms, busy fraction, gemm FLOP/s,
+    kernels [(ms per step, launches per step, group, name)] longest first, launches per step)."""
     import distill
     from model import load_checkpoint
     from torch.profiler import ProfilerActivity, profile
@@ -160,7 +162,8 @@ def profile_distill(cfg, transfer, teacher_src, B, T, device):
     opt = distill.make_optimizer(student, 1e-4, 7e-6)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, teacher.config.vocab_size, (B, T), generator=gen).to(device) for _ in range(4)]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    on_gpu = device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     def step(i):
         idx = batches[i % len(batches)]
@@ -170,14 +173,12 @@ def profile_distill(cfg, transfer, teacher_src, B, T, device):
     for i in range(cfg.profile_steps):   # warm-up: compilation, autotuning, allocator
         step(i)
     sync()
-    acts = [ProfilerActivity.CUDA] if device.startswith("cuda") else [ProfilerActivity.CPU]
-    with profile(activities=acts) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for i in range(cfg.profile_steps):
             step(i)
         sync()
         wall = (time.perf_counter() - t0) * 1e3 / cfg.profile_steps
-    on_gpu = device.startswith("cuda")
     times, kernels = {}, []
     for e in prof.key_averages():
         if on_gpu and e.device_type != torch.autograd.DeviceType.CUDA:
