@@ -14,10 +14,14 @@ Model FLOPs per token (counted from the config, the usual 2 x weights per matmul
     align    teacher F (no head) + 3 x the mixers' share of F (they alone train; the teacher's stream is given)
     probe    3 x F(hybrid) + F(teacher) / probes (one teacher forward serves every probe of a round)
     distill  3 x F(hybrid) + F(teacher)          finetune  3 x F(hybrid) + F(teacher) (--kl_weight=0.5)
-MFU = model FLOPs/s over the dense bf16 matmul rate measured here (an 8192^3 product, median of do_bench).
+MFU = model FLOPs/s over the dense bf16 matmul rate measured here (an 8192^3 product, median of do_bench), times
+--gpus. With --gpus=N each stage runs under torchrun on N GPUs (DDP; score splits its probes across them): B is the
+global batch, so tokens/s is the whole machine's, comparable with --gpus=1 at the same shapes.
 
     python bench_train.py --data_dir=out/smollm2/data                      # this checkout, every stage and shape
     python bench_train.py --data_dir=out/smollm2/data --repo=../old --json=before.json
+    python bench_train.py --data_dir=out/smollm2/data --gpus=2 --stages=probe,distill   # each stage under torchrun
+    python bench_train.py --data_dir=out/smollm2/data --extra=--graph=false   # the steps eager, not CUDA graphs
     python bench_train.py --profile=true --shapes=preset,4096    # where a distill step's GPU time goes
     torchrun --standalone --nproc_per_node=2 bench_train.py --allreduce_mb=106,540   # the link DDP averages over
 
@@ -75,11 +79,14 @@ class Config:
     profile: bool = False           # instead: trace the distill step with torch.profiler at --shapes (see above)
     profile_steps: int = 5          # steps traced (after as many warm-up steps)
     allreduce_mb: str = ""          # instead (under torchrun): all_reduce timings of these sizes, e.g. "106,540"
+    gpus: int = 1                   # processes per stage: N > 1 runs each under torchrun --nproc_per_node=N
 
 
-def sh(repo, script, flags, log):
-    """Run one stage in `repo`; its output appended to `log`; a failure ends the benchmark with the log's tail."""
-    cmd = [sys.executable, script] + flags.split()
+def sh(repo, script, flags, log, gpus=1):
+    """Run one stage in `repo` (under torchrun when gpus > 1); its output appended to `log`; a failure ends the
+    benchmark with the log's tail."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus > 1 else []
+    cmd = [sys.executable, *launch, script] + flags.split()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
@@ -237,7 +244,9 @@ def main(cfg):
     out = os.path.join(repo, cfg.out_dir)
     common = f"--out_dir={out} --data_dir={data_dir} {cfg.extra}"
     peak = matmul_rate()
+    peak = peak and peak * cfg.gpus   # MFU of the machine's N GPUs
     device = torch.cuda.get_device_name() if peak else "CPU (no MFU)"
+    device += f" x {cfg.gpus} (torchrun)" if cfg.gpus > 1 else ""
     print(f"{device} | torch {torch.__version__} | bf16 matmul {(peak or 0) / 1e12:.0f} TFLOP/s | repo {repo} | "
           f"log {log}", flush=True)
 
@@ -285,27 +294,27 @@ def main(cfg):
             t0 = time.time()
             if stage == "align":
                 sh(repo, "align.py", f"{name(run)} {common} --input={transfer} --steps={cfg.steps} --log_every=1 "
-                   f"{flags}", log)
+                   f"{flags}", log, cfg.gpus)
                 path = os.path.join(out, run, "align", "log.jsonl")
                 fl = flops(teacher, T, head=False) + 3 * flops(student, T, head=False, only_mixers=True)
                 tok_step = B * T
             elif stage == "probe":
                 layers = ",".join(str(i) for i in range(cfg.probes))
                 sh(repo, "score.py", f"{name(run)} {common} --input={transfer} --layers={layers} "
-                   f"--steps={cfg.steps} --eval_every={max(1, cfg.steps // 8)} --patience=0 {flags}", log)
+                   f"--steps={cfg.steps} --eval_every={max(1, cfg.steps // 8)} --patience=0 {flags}", log, cfg.gpus)
                 path = os.path.join(out, run, "score", "log.jsonl")
                 fl = 3 * flops(probe_model, T) + flops(teacher, T) / cfg.probes
                 tok_step = B * T * cfg.probes   # one logged "step" is a round: every probe's steps
             elif stage == "distill":
                 sh(repo, "distill.py", f"{name(run)} {common} --input={transfer} --layers={LAYERS} "
                    f"--steps={cfg.steps} --warmup=0 --weight_decay=0 --valid_batches=1 --save_every=0 "
-                   + ("" if old else "--log_every=1 ") + flags, log)
+                   + ("" if old else "--log_every=1 ") + flags, log, cfg.gpus)
                 path = os.path.join(out, run, "distill", "log.jsonl")
                 fl = 3 * flops(hybrid, T) + flops(teacher, T)
                 tok_step = B * T
             else:
                 sh(repo, "finetune.py", f"{name(run)} {common} --steps={cfg.steps} --valid_batches=1 --save_every=0 "
-                   + ("" if old else "--log_every=1 ") + flags, log)
+                   + ("" if old else "--log_every=1 ") + flags, log, cfg.gpus)
                 path = os.path.join(out, run, "finetune", "log.jsonl")
                 fl = 3 * flops(hybrid, T) + flops(teacher, T)
                 tok_step = B * T

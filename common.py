@@ -269,6 +269,52 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+def want_graph(mode, d):
+    """--graph: whether a stage replays its training step as a CUDA graph (cuda_graph). auto = in one process on a
+    GPU; under torchrun the step runs eagerly (DDP's gradient buckets are not recorded here)."""
+    ok = d.device.startswith("cuda") and d.world == 1
+    if mode == "true" and not ok:
+        raise ValueError(f"--graph=true needs one process on a GPU (here: {d.device}, {d.world} process(es)): CUDA "
+                         "graphs record GPU kernels. Use --graph=auto (on where it can be) or --graph=false")
+    return ok and mode != "false"
+
+
+def cuda_graph(step, warmup=3):
+    """`step(*tensors) -> tensor`, replayed as one CUDA graph. A training step of a 135M model launches ~2600 small
+    kernels, and the GPU waits for the Python that launches them about half of the step (bench_train.py --profile);
+    replayed, the whole step is one launch.
+
+    The first `warmup` calls run eagerly, on a side stream as capture wants (Triton compiles and autotunes, inductor
+    compiles, the optimizer makes its state); the next is recorded once (torch.cuda.graph: every kernel with its
+    memory) and from then on each call copies its inputs into the recorded ones and replays. So `step` must be
+    static: the same shapes every call, nothing read on the host (.item(), bool(tensor), Python branches on
+    values), the same learning rate (it is a kernel argument, recorded), an optimizer made with capturable=True,
+    and every tensor it makes from Python values made on the GPU (torch.full, not torch.tensor). The returned
+    tensor is a copy: the recorded output is overwritten by the next replay."""
+    graph, ins, out, calls, side = None, [], None, 0, torch.cuda.Stream()
+
+    def run(*args):
+        nonlocal graph, ins, out, calls
+        if graph is None and calls < warmup:
+            calls += 1
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = step(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            return result
+        if graph is None:
+            ins, graph = [a.clone() for a in args], torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step(*ins)  # recorded, not run: the replay below runs it
+        else:
+            for mine, new in zip(ins, args):
+                mine.copy_(new)
+        graph.replay()
+        return out.clone()
+
+    return run
+
+
 @dataclasses.dataclass
 class Dist:
     """Where this process stands: rank of world processes (1 without torchrun) and its device."""
@@ -495,7 +541,7 @@ class _ChunkedKL(torch.autograd.Function):
         d_hidden = torch.zeros_like(s_hidden) if need_grad else None
         d_weight = torch.zeros_like(s_weight, dtype=torch.float32) if need_grad and ctx.needs_input_grad[1] else None
         rows = _rows_fn(s_hidden.device)
-        scale = torch.tensor(1.0 / n, device=s_hidden.device) if need_grad else None  # a tensor: no recompile per n
+        scale = torch.full((), 1.0 / n, device=s_hidden.device) if need_grad else None  # a tensor: no recompile per n
         for i in range(0, n, chunk):
             sh = s_hidden[i:i + chunk]
             # under autocast the two head matmuls run in bf16, as the rest of the model

@@ -21,7 +21,9 @@ re-tying; checkpoints written during training keep the untied head.
 Speed (one GPU): the frozen teacher runs in bf16 weights under inference mode, its final hidden states computed once
 per batch; the student keeps fp32 weights under bf16 autocast (updates of 7e-6 need fp32), its blocks compiled by
 default on the GPU (the GLA kernel stays opaque to the compiler); fused AdamW; the host reads the loss only at log
-steps (a non-finite step is skipped on the GPU itself, see skip_nonfinite). Under torchrun every rank takes its rows
+steps (a non-finite step is skipped on the GPU itself, see skip_nonfinite); in one process on a GPU the whole step,
+teacher forward to optimizer update, is recorded once as a CUDA graph and replayed (--graph, common.cuda_graph): one
+launch instead of thousands of small ones the GPU would wait for. Under torchrun every rank takes its rows
 of each global batch (DDP; --shard=true for FSDP2), and --micro_batch splits a rank's rows into several forwards.
 
 Reads  out/<run>/align/ckpt.pt, out/<run>/select/selection.json (or --layers=3,7), the teacher named in the parent
@@ -47,8 +49,8 @@ import torch.nn as nn
 import data
 import model as M
 from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_shapes, check_teacher,
-                    distribute, fingerprint, full_state, inherit, init_dist, kl_div_chunked, load_optimizer,
-                    lock_folder, parse_args, print_config)
+                    cuda_graph, distribute, fingerprint, full_state, inherit, init_dist, kl_div_chunked,
+                    load_optimizer, lock_folder, parse_args, print_config, want_graph)
 from teachers import from_pretrained
 
 
@@ -83,6 +85,8 @@ class Config:
                                   # <out>/tokens_<n>/ckpt.pt: quality against distill tokens from one run
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings), or say it is finished
     compile: str = "auto"         # torch.compile the student's blocks: auto (on the GPU) | true | false
+    graph: str = "auto"           # replay each step as one CUDA graph (common.cuda_graph): auto (one process on a
+                                  # GPU) | true | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP (students that do not fit one GPU)
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order: batch s is a function of (seed, s) only
@@ -95,6 +99,8 @@ class Config:
             raise ValueError(f"--retie={self.retie!r}: choose embed, mean or head")
         if self.compile not in ("auto", "true", "false"):
             raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
+        if self.graph not in ("auto", "true", "false"):
+            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
         if self.untie and self.shard:
             raise ValueError("--untie=true with --shard=true is not supported: re-tying swaps parameters FSDP2 holds")
 
@@ -115,14 +121,14 @@ def make_hybrid(student, teacher, layers):
 
 def make_optimizer(model, lr_mixer, lr_other, weight_decay=0.01):
     """AdamW(0.9, 0.95) with two groups: mixers + pre-attention norms at lr_mixer, everything else at lr_other.
-    Fused (one kernel for all parameters) when they live on a GPU."""
+    Fused (one kernel for all parameters) and capturable (its step can be recorded in a CUDA graph) on a GPU."""
     fast, slow = [], []
     for name, p in model.named_parameters():
         (fast if ".self_attn." in name or ".input_layernorm." in name else slow).append(p)
     groups = [{"params": fast, "lr": lr_mixer, "base_lr": lr_mixer},
               {"params": slow, "lr": lr_other, "base_lr": lr_other}]
     cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=weight_decay, fused=cuda)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=weight_decay, fused=cuda, capturable=cuda)
 
 
 def set_lr(opt, step, warmup):
@@ -355,11 +361,18 @@ def main(cfg):
     log = Logger(out_dir, cfg.steps, start, d.main)
     kls = [torch.tensor(k, device=device) for k in state["history"]] if state else []  # per step, on the device
     last_ckpt = ckpt_path if state else None
+
+    def train_step(*rows):
+        """The whole step, teacher included, from this process's micro-batches of token ids [b, T + 1]."""
+        batches = [(idx[:, :-1], teacher_hidden(teacher, idx[:, :-1], device)) for idx in rows]
+        return stage2_step(forward, student, batches, teacher.lm_head.weight, opt, cfg.clip, device, cfg.chunk)
+
+    graphed = cuda_graph(train_step) if want_graph(cfg.graph, d) else None
     for step in range(start, cfg.steps):
         lr = set_lr(opt, step, cfg.warmup)
-        batches = [(idx[:, :-1], teacher_hidden(teacher, idx[:, :-1], device))
-                   for idx in micro_batches(train, cfg, cfg.seed, step, d)]
-        kl = stage2_step(forward, student, batches, teacher.lm_head.weight, opt, cfg.clip, device, cfg.chunk)
+        # recorded once the lr is constant (after the warmup): the graph keeps the lr it was recorded with
+        run = graphed if graphed and step + 1 >= cfg.warmup else train_step
+        kl = run(*micro_batches(train, cfg, cfg.seed, step, d))
         kls.append(all_mean(kl, d))               # over the ranks, on the device (NCCL: no wait for the host)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = min(cfg.log_every, step + 1 - start)

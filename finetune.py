@@ -11,7 +11,8 @@ close to the distilled model; the loss can keep a share of the teacher's KL as a
 
 Both terms are computed in row chunks from the final hidden states (no B*T x V fp32 tensor): the cross-entropy
 by recomputing each chunk's logits in the backward (activation checkpointing), the KL by common.kl_div_chunked.
-Speed, torchrun, micro-batches, mid-run checkpoints and --resume work as in distill.py.
+Speed (the step replayed as a CUDA graph), torchrun, micro-batches, mid-run checkpoints and --resume work as in
+distill.py.
 
 Reads  out/<run>/distill/ckpt.pt (the teacher and token files named in its config chain).
 Writes out/<run>/finetune/ckpt.pt (+ meta.json, log.jsonl).
@@ -32,8 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 import model as M
 from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_shapes, check_teacher,
-                    distribute, full_state, inherit, init_dist, kl_div_chunked, load_optimizer, lock_folder, parse_args,
-                    print_config)
+                    cuda_graph, distribute, full_state, inherit, init_dist, kl_div_chunked, load_optimizer,
+                    lock_folder, parse_args, print_config, want_graph)
 from distill import compile_blocks, load_teachers, micro_batches, open_data, set_lr, skip_nonfinite, teacher_hidden
 
 
@@ -62,6 +63,7 @@ class Config:
     save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings)
     compile: str = "auto"         # torch.compile the blocks: auto (on the GPU) | true | false
+    graph: str = "auto"           # replay each step as one CUDA graph: auto (one process on a GPU) | true | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 1                 # data order (1: other windows than Stage 2's seed 0)
@@ -72,6 +74,8 @@ class Config:
                                                            "warmup"))
         if self.seq_len != -1:
             check_positive(self, "seq_len")
+        if self.graph not in ("auto", "true", "false"):
+            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
         if not 0 <= self.kl_weight <= 1:
             raise ValueError(f"--kl_weight={self.kl_weight}: a share between 0 and 1")
 
@@ -85,7 +89,8 @@ def cross_entropy_chunked(hidden, weight, targets, chunk=4096):
     chunk's logits are freed after its forward and rebuilt in the backward, so at most one [chunk, V] block lives."""
     total = 0.0
     for i in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, hidden[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
+        total = total + checkpoint(_ce_sum, hidden[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False,
+                                   preserve_rng_state=False)  # no randomness; and CUDA-graph safe
     return total / hidden.shape[0]
 
 
@@ -155,7 +160,8 @@ def main(cfg):
     valid_batches = [torch.cat(micro_batches(valid, cfg, 1234, i, d)) for i in range(cfg.valid_batches)]
     forward = distribute(compile_blocks(model, cfg, device), d, cfg.shard)  # FSDP2 swaps the parameters: first
     opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}],
-                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
+                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.startswith("cuda"),
+                            capturable=device.startswith("cuda"))
     start = 0
     if state:
         load_optimizer(opt, model, state["optimizer"], d, cfg.shard)
@@ -176,9 +182,9 @@ def main(cfg):
     log = Logger(out_dir, cfg.steps, start, d.main)
     history = [torch.tensor(h, device=device) for h in state["history"]] if state else []  # (loss, ce, kl) per step
     last_ckpt = ckpt_path if state else None
-    for step in range(start, cfg.steps):
-        lr = set_lr(opt, step, cfg.warmup)
-        batches = micro_batches(train, cfg, cfg.seed, step, d)
+
+    def train_step(*batches):
+        """One optimizer step over this process's micro-batches [b, T + 1]; returns (loss, ce, kl) on the device."""
         total = torch.zeros(3, device=device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1 or not hasattr(forward, "no_sync")
@@ -189,7 +195,13 @@ def main(cfg):
         total /= len(batches)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         skip_nonfinite(opt, total[0], norm)
-        history.append(all_mean(total, d))
+        return total
+
+    graphed = cuda_graph(train_step) if want_graph(cfg.graph, d) else None
+    for step in range(start, cfg.steps):
+        lr = set_lr(opt, step, cfg.warmup)
+        run = graphed if graphed and step + 1 >= cfg.warmup else train_step   # recorded once the lr is constant
+        history.append(all_mean(run(*micro_batches(train, cfg, cfg.seed, step, d)), d))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = min(cfg.log_every, step + 1 - start)
             loss, ce, kl = (float(v) for v in torch.stack(history[-n:]).mean(0))

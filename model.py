@@ -580,7 +580,7 @@ def checkpoint_info(path):
 
 # Flags that change neither the trajectory nor the result: a run may resume with other values of these.
 RESUME_FREE = ("resume", "log_every", "save_every", "eval_every", "valid_batches", "device", "compile", "micro_batch",
-               "shard", "snapshots")
+               "shard", "snapshots", "graph")
 
 
 def resume_state(path, config):

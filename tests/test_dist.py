@@ -88,3 +88,14 @@ def test_allreduce_benchmark_runs_under_torchrun():
     assert r.stdout.count("all_reduce") == 2 and "over 2 processes" in r.stdout and "GB/s" in r.stdout
     alone = torchrun("bench_train.py", "--allreduce_mb=1", procs=1)
     assert alone.returncode != 0 and "needs several processes" in alone.stderr
+
+
+def test_bench_train_runs_each_stage_under_torchrun(tmp_path):
+    """bench_train --gpus=2: a stage runs as 2 torchrun processes (here a script that reports its world size)."""
+    import bench_train
+    (tmp_path / "stage.py").write_text("import os; print('world', os.environ.get('WORLD_SIZE', '1'))\n")
+    log = str(tmp_path / "log")
+    bench_train.sh(str(tmp_path), "stage.py", "", log, gpus=2)
+    bench_train.sh(str(tmp_path), "stage.py", "", log)
+    text = open(log).read()
+    assert text.count("world 2") == 2 and text.count("world 1") == 1, text

@@ -248,3 +248,34 @@ def test_the_step_profile_accounts_for_the_step(aligned):
         "triton_poi_fused_mul_rsqrt_silu_1", "void at::native::elementwise_kernel<128, 2>")] == [
         "gemm", "GLA kernel", "softmax attention", "optimizer (fused AdamW)", "KL (log-softmax, exp, sums)",
         "inductor-fused (norms, rope, swiglu, gates)", "norms, copies, casts, fills"]
+
+
+# ---------------------------------------------------------------------------------------------- the CUDA graph step
+
+def test_graph_flag_is_checked(aligned, tmp_path):
+    with pytest.raises(ValueError, match="choose auto, true or false"):
+        distill.Config(graph="yes")
+    with pytest.raises(ValueError, match="--graph=true needs one process on a GPU"):
+        run_distill(aligned, tmp_path, graph="true")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+def test_graphed_step_trains_as_the_eager_step(aligned, tmp_path, monkeypatch):
+    """The step replayed as a CUDA graph gives the eager step's loss curve and weights: the lr warmup runs eagerly,
+    3 more eager steps, then replays; a log line averages 4 steps, so a recorded output read without a copy (every
+    step the same tensor) would change the curve."""
+    replays = []
+    real = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), real(g))[1])
+    runs = {}
+    for graph in ("false", "true"):
+        run_distill(aligned, tmp_path / graph, steps=16, warmup=2, log_every=4, micro_batch=1, lr_mixer=3e-3,
+                    lr_other=3e-4, device="cuda", graph=graph)
+        out = tmp_path / graph / "d" / "distill"
+        runs[graph] = ([json.loads(line)["kl"] for line in open(out / "log.jsonl")],
+                       M.load_checkpoint(str(out / "ckpt.pt"))[0].state_dict())
+    assert len(replays) == 16 - 2 - 3 + 1          # from the step after the warmup's last, the capture's included
+    (eager, w_eager), (graphed, w_graphed) = runs["false"], runs["true"]
+    assert graphed == pytest.approx(eager, rel=1e-3), (eager, graphed)
+    for k in w_eager:
+        torch.testing.assert_close(w_graphed[k], w_eager[k], rtol=1e-3, atol=1e-4, msg=k)
