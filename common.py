@@ -269,14 +269,18 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def want_graph(mode, d):
+def want_graph(mode, d, shard=False):
     """--graph: whether a stage replays its training step as a CUDA graph (cuda_graph). auto = in one process on a
-    GPU; under torchrun the step runs eagerly (DDP's gradient buckets are not recorded here)."""
-    ok = d.device.startswith("cuda") and d.world == 1
-    if mode == "true" and not ok:
-        raise ValueError(f"--graph=true needs one process on a GPU (here: {d.device}, {d.world} process(es)): CUDA "
-                         "graphs record GPU kernels. Use --graph=auto (on where it can be) or --graph=false")
-    return ok and mode != "false"
+    GPU; true = also under torchrun with DDP (its all-reduce recorded in the graph: NCCL allows that, PyTorch asks for
+    DDP made on a side stream, see distribute, and 11 eager steps first); never with FSDP2 (--shard=true)."""
+    if mode == "false":
+        return False
+    why = ("CUDA graphs record GPU kernels" if not d.device.startswith("cuda") else
+           "FSDP2 (--shard=true) is not recorded here" if d.world > 1 and shard else "")
+    if mode == "true" and why:
+        raise ValueError(f"--graph=true needs the GPU and not --shard=true (here: {d.device}, {d.world} "
+                         f"process(es)): {why}. Use --graph=auto (on where it can be) or --graph=false")
+    return not why and (mode == "true" or d.world == 1)
 
 
 def cuda_graph(step, warmup=3):
@@ -390,8 +394,10 @@ def distribute(model, d, shard=False):
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[torch.device(d.device).index] if d.device.startswith("cuda")
-                                   else None)
+    if not d.device.startswith("cuda"):
+        return DistributedDataParallel(model)
+    with torch.cuda.stream(torch.cuda.Stream()):  # made on a side stream, so that its step can be a CUDA graph
+        return DistributedDataParallel(model, device_ids=[torch.device(d.device).index])
 
 
 def full_state(model, opt, d, shard):

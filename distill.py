@@ -86,7 +86,7 @@ class Config:
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings), or say it is finished
     compile: str = "auto"         # torch.compile the student's blocks: auto (on the GPU) | true | false
     graph: str = "auto"           # replay each step as one CUDA graph (common.cuda_graph): auto (one process on a
-                                  # GPU) | true | false
+                                  # GPU) | true (also under torchrun with DDP) | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP (students that do not fit one GPU)
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order: batch s is a function of (seed, s) only
@@ -367,7 +367,8 @@ def main(cfg):
         batches = [(idx[:, :-1], teacher_hidden(teacher, idx[:, :-1], device)) for idx in rows]
         return stage2_step(forward, student, batches, teacher.lm_head.weight, opt, cfg.clip, device, cfg.chunk)
 
-    graphed = cuda_graph(train_step) if want_graph(cfg.graph, d) else None
+    warm = 3 if d.world == 1 else 11   # eager steps before the capture (DDP's: PyTorch's CUDA-graph notes)
+    graphed = cuda_graph(train_step, warm) if want_graph(cfg.graph, d, cfg.shard) else None
     for step in range(start, cfg.steps):
         lr = set_lr(opt, step, cfg.warmup)
         # recorded once the lr is constant (after the warmup): the graph keeps the lr it was recorded with

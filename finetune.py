@@ -63,7 +63,8 @@ class Config:
     save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings)
     compile: str = "auto"         # torch.compile the blocks: auto (on the GPU) | true | false
-    graph: str = "auto"           # replay each step as one CUDA graph: auto (one process on a GPU) | true | false
+    graph: str = "auto"           # replay each step as one CUDA graph: auto (one process on a GPU) | true (DDP too)
+                                  # | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 1                 # data order (1: other windows than Stage 2's seed 0)
@@ -197,7 +198,8 @@ def main(cfg):
         skip_nonfinite(opt, total[0], norm)
         return total
 
-    graphed = cuda_graph(train_step) if want_graph(cfg.graph, d) else None
+    warm = 3 if d.world == 1 else 11   # eager steps before the capture (DDP's: PyTorch's CUDA-graph notes)
+    graphed = cuda_graph(train_step, warm) if want_graph(cfg.graph, d, cfg.shard) else None
     for step in range(start, cfg.steps):
         lr = set_lr(opt, step, cfg.warmup)
         run = graphed if graphed and step + 1 >= cfg.warmup else train_step   # recorded once the lr is constant

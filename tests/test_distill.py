@@ -255,7 +255,7 @@ def test_the_step_profile_accounts_for_the_step(aligned):
 def test_graph_flag_is_checked(aligned, tmp_path):
     with pytest.raises(ValueError, match="choose auto, true or false"):
         distill.Config(graph="yes")
-    with pytest.raises(ValueError, match="--graph=true needs one process on a GPU"):
+    with pytest.raises(ValueError, match="--graph=true needs the GPU"):
         run_distill(aligned, tmp_path, graph="true")
 
 
