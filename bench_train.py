@@ -304,7 +304,7 @@ def main(cfg):
                    f"--steps={cfg.steps} --eval_every={max(1, cfg.steps // 8)} --patience=0 {flags}", log, cfg.gpus)
                 path = os.path.join(out, run, "score", "log.jsonl")
                 fl = 3 * flops(probe_model, T) + flops(teacher, T) / cfg.probes
-                tok_step = B * T * cfg.probes   # one logged "step" is a round: every probe's steps
+                tok_step = B * T                # ms below is per probe step (a logged round / its probe steps)
             elif stage == "distill":
                 sh(repo, "distill.py", f"{name(run)} {common} --input={transfer} --layers={LAYERS} "
                    f"--steps={cfg.steps} --warmup=0 --weight_decay=0 --valid_batches=1 --save_every=0 "
@@ -323,7 +323,6 @@ def main(cfg):
                 ms = ms / (cfg.probes * max(1, cfg.steps // 8)) if ms else None
             elif stage == "probe":            # the old score.py logged per probe step, all probes together
                 ms = ms / cfg.probes if ms else None
-                tok_step = B * T
             tok_s = tok_step / (ms / 1e3) if ms else None
             row = dict(stage=stage, shape=shape, batch=B, seq_len=T, ms_step=ms, tok_s=tok_s, gflop_token=fl / 1e9,
                        tflops=tok_s * fl / 1e12 if tok_s else None, mfu=tok_s * fl / peak if tok_s and peak else None,

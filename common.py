@@ -270,9 +270,9 @@ def autocast(device):
 
 
 def want_graph(mode, d, shard=False):
-    """--graph: whether a stage replays its training step as a CUDA graph (cuda_graph). auto = in one process on a
-    GPU; true = also under torchrun with DDP (its all-reduce recorded in the graph: NCCL allows that, PyTorch asks for
-    DDP made on a side stream, see distribute, and 11 eager steps first); never with FSDP2 (--shard=true)."""
+    """--graph: whether a stage replays its training step as a CUDA graph (cuda_graph). auto = wherever it can: on a
+    GPU, in one process or under torchrun with DDP (its all-reduce recorded in the graph: NCCL allows that, PyTorch
+    asks for DDP made on a side stream, see distribute, and 11 eager steps first); never with FSDP2 (--shard=true)."""
     if mode == "false":
         return False
     why = ("CUDA graphs record GPU kernels" if not d.device.startswith("cuda") else
@@ -280,7 +280,7 @@ def want_graph(mode, d, shard=False):
     if mode == "true" and why:
         raise ValueError(f"--graph=true needs the GPU and not --shard=true (here: {d.device}, {d.world} "
                          f"process(es)): {why}. Use --graph=auto (on where it can be) or --graph=false")
-    return not why and (mode == "true" or d.world == 1)
+    return not why
 
 
 def cuda_graph(step, warmup=3):
@@ -308,8 +308,12 @@ def cuda_graph(step, warmup=3):
             return result
         if graph is None:
             ins, graph = [a.clone() for a in args], torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step(*ins)  # recorded, not run: the replay below runs it
+            try:
+                with torch.cuda.graph(graph):
+                    out = step(*ins)  # recorded, not run: the replay below runs it
+            except RuntimeError as e:
+                raise RuntimeError(f"recording the training step as a CUDA graph failed ({e}); run the stage again "
+                                   "with --graph=false (the step eager, slower) and report it") from e
         else:
             for mine, new in zip(ins, args):
                 mine.copy_(new)

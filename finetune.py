@@ -63,8 +63,8 @@ class Config:
     save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings)
     compile: str = "auto"         # torch.compile the blocks: auto (on the GPU) | true | false
-    graph: str = "auto"           # replay each step as one CUDA graph: auto (one process on a GPU) | true (DDP too)
-                                  # | false
+    graph: str = "auto"           # replay each step as one CUDA graph: auto (on a GPU, one process or DDP; not
+                                  # FSDP2) | true (the same, or an error) | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 1                 # data order (1: other windows than Stage 2's seed 0)

@@ -510,6 +510,13 @@ def _warps(kind, KP, VP):
     return WARPS[kind][KP * VP > 64 * 64]
 
 
+def _stages(x, KP, VP):
+    """Software-pipelining stages of the backward scans: fp32 tiles of a 128-wide head, three stages deep, need more
+    shared memory than an H100/H200 has (280 KB of 227 KB measured): one stage there (fp32 is the checking path, not
+    the training one), Triton's default 3 elsewhere."""
+    return 1 if x.dtype == torch.float32 and KP * VP > 64 * 64 else 3
+
+
 def _wy(q, k, v, g, beta, scale, do=None):
     """Kernels (1) and (2): b [2, B*H, NT*BT] fp32 (hi and lo), T [B*H, NT*BT, BT], W [B*H, NT*BT, KP] and
     U [B*H, NT*BT, VP] in the input dtype; given do also dD_intra [B*H, NT*BT, VP] fp32."""
@@ -579,11 +586,11 @@ class ChunkGDNFunction(torch.autograd.Function):
         _bwd_state_kernel[(VP // BV, B * H)](q, k, w, bc[0], bc[1], do, ddn, dh0 if dht is None else dht.contiguous(),
                                              dHs, dh0, scale, T, H, K=K, V=V, KP=KP, VP=VP, BV=BV, BT=BT,
                                              PREC=_precision(k), HAS_DHT=dht is not None,
-                                             num_warps=_warps("bwd_scan", KP, VP))
+                                             num_warps=_warps("bwd_scan", KP, VP), num_stages=_stages(k, KP, VP))
         dq, dk, dv, dg, dbeta = (torch.empty_like(x) for x in (q, k, v, g, beta))
         _bwd_kernel[(NT, B * H)](q, k, v, beta, do, bc[0], bc[1], w, u, Tinv, Hs, dHs, dn, ddn, dq, dk, dv, dbeta, dg,
                                  scale, T, H, K=K, V=V, KP=KP, VP=VP, BV=min(VP, BWD_BV), BT=BT,
-                                 PREC=_precision(k), num_warps=_warps("bwd", KP, VP))
+                                 PREC=_precision(k), num_warps=_warps("bwd", KP, VP), num_stages=_stages(k, KP, VP))
         return dq, dk, dv, dg, dbeta, None, (dh0 if h0 is not None else None)
 
 
