@@ -89,3 +89,15 @@ def test_select_errors(aligned, tmp_path):
     partial.write_text(json.dumps({"scores": [0.1, None, 0.3, 0.2]}))
     with pytest.raises(ValueError, match=r"\[1\]"):
         select(aligned, method="kl", scores=str(partial))
+
+
+def test_cross_variant_selection_reads_another_runs_scores(aligned, tmp_path):
+    """--scores=<another run's scores.json> (the paper's cross-variant probes: a GLA student given the layers a GDN
+    run's probes chose): the K lowest of those scores, written beside this run's own selection, naming its source."""
+    other = tmp_path / "gdn_run" / "score" / "scores.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({"method": "kl", "n_layers": 4, "scores": [0.3, 0.9, 0.1, 0.8]}))
+    sel = select(aligned, method="kl", scores=str(other), out="selection_gdn.json")
+    assert sel["layers"] == [0, 2] and sel["source"] == str(other)
+    with open(os.path.join(aligned.out, "sel", "select", "selection_gdn.json")) as f:
+        assert json.load(f)["layers"] == [0, 2]
