@@ -26,12 +26,12 @@ global batch, so tokens/s is the whole machine's, comparable with --gpus=1 at th
     torchrun --standalone --nproc_per_node=2 bench_train.py --allreduce_mb=106,540   # the link DDP averages over
 
 --profile=true runs no stage: it builds the distill step in this process (the run.sh hybrid, the bf16 teacher, the
-compiled blocks, fused AdamW: distill.py's own functions on random tokens) and traces a few steps with
-torch.profiler. The table groups the GPU kernels (gemm, the GLA kernel, softmax attention, the KL's kernels,
-normalisation and other fused elementwise kernels, the optimizer, copies) with their share of the step, the GPU's
-busy fraction (kernel time over wall time: the rest is the GPU waiting for the host) and the rate of the matmuls
-(the model's matmul FLOPs over the gemm kernels' time), which says whether the step is bound by its kernels or by
-launching them.
+compiled blocks, fused AdamW: distill.py's own functions on random tokens; on a GPU replayed as a CUDA graph as
+distill.py does, --profile_graph=false for the eager step) and traces a few steps with torch.profiler. The table
+groups the GPU kernels (gemm, the GLA kernel, softmax attention, the KL's kernels, normalisation and other fused
+elementwise kernels, the optimizer, copies) with their share of the step, the GPU's busy fraction (kernel time over
+wall time: the rest is the GPU waiting for the host) and the rate of the matmuls (the model's matmul FLOPs over the
+gemm kernels' time), which says whether the step is bound by its kernels or by launching them.
 
 --allreduce_mb (under torchrun) times all_reduce of fp32 tensors of those sizes, what DDP moves once per step: the
 mixers' gradients in align (106 MB for SmolLM2) and every parameter's in distill and finetune (540 MB). The bus
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import parse_args
+from common import cuda_graph, parse_args
 
 # (stage, shape name) -> flags: the gpu preset of run.sh, then the paper's 4096-token sequences
 SHAPES = {
@@ -78,6 +78,7 @@ class Config:
     json: str = ""                  # also write the rows here
     profile: bool = False           # instead: trace the distill step with torch.profiler at --shapes (see above)
     profile_steps: int = 5          # steps traced (after as many warm-up steps)
+    profile_graph: bool = True      # --profile on a GPU: the step replayed as a CUDA graph (distill.py's default)
     allreduce_mb: str = ""          # instead (under torchrun): all_reduce timings of these sizes, e.g. "106,540"
     gpus: int = 1                   # processes per stage: N > 1 runs each under torchrun --nproc_per_node=N
 
@@ -172,12 +173,17 @@ def profile_distill(cfg, transfer, teacher_src, B, T, device):
     on_gpu = device.startswith("cuda")
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
-    def step(i):
-        idx = batches[i % len(batches)]
+    def train_step(idx):
         return distill.stage2_step(forward, student, [(idx, distill.teacher_hidden(teacher, idx, device))],
                                    teacher.lm_head.weight, opt, device=device)
 
-    for i in range(cfg.profile_steps):   # warm-up: compilation, autotuning, allocator
+    graphed = on_gpu and cfg.profile_graph      # as distill.py runs it on a GPU: 3 eager steps, then the capture
+    run = cuda_graph(train_step) if graphed else train_step
+
+    def step(i):
+        return run(batches[i % len(batches)])
+
+    for i in range(max(cfg.profile_steps, 4 if graphed else 0)):   # warm-up: compilation, autotuning, capture
         step(i)
     sync()
     with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
@@ -329,7 +335,8 @@ def main(cfg):
                        peak_gb=mem, wall_s=round(time.time() - t0, 1), kl_curve=curve if stage == "distill" else None)
             rows.append(row)
             print(f"  {stage:8} {shape:6} B={B:<3} T={T:<5} {ms or float('nan'):8.1f} ms/step "
-                  f"{(tok_s or 0) / 1e3:8.1f}k tok/s {row['tflops'] or 0:6.1f} TFLOP/s MFU {100 * (row['mfu'] or 0):5.1f}% "
+                  f"{(tok_s or 0) / 1e3:8.1f}k tok/s {row['tflops'] or 0:6.1f} TFLOP/s "
+                  f"MFU {100 * (row['mfu'] or 0):5.1f}% "
                   f"peak {mem if mem is not None else 'n/a'} GB ({row['wall_s']} s)", flush=True)
 
     # ---- the table
