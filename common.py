@@ -283,7 +283,10 @@ def want_graph(mode, d, shard=False):
     return not why
 
 
-def cuda_graph(step, warmup=3):
+_SIDE = {}
+
+
+def cuda_graph(step, warmup=3, pool=None):
     """`step(*tensors) -> tensor`, replayed as one CUDA graph. A training step of a 135M model launches ~2600 small
     kernels, and the GPU waits for the Python that launches them about half of the step (bench_train.py --profile);
     replayed, the whole step is one launch.
@@ -294,8 +297,17 @@ def cuda_graph(step, warmup=3):
     static: the same shapes every call, nothing read on the host (.item(), bool(tensor), Python branches on
     values), the same learning rate (it is a kernel argument, recorded), an optimizer made with capturable=True,
     and every tensor it makes from Python values made on the GPU (torch.full, not torch.tensor). The returned
-    tensor is a copy: the recorded output is overwritten by the next replay."""
-    graph, ins, out, calls, side = None, [], None, 0, torch.cuda.Stream()
+    tensor is a copy: the recorded output is overwritten by the next replay.
+
+    pool: a memory pool (torch.cuda.graph_pool_handle()) shared with other graphs that are replayed one after
+    another, never at once, and whose temporaries need not outlive their replay (score.py's probes): one pool holds
+    the activations of one step instead of one per graph."""
+    graph, ins, out, calls = None, [], None, 0
+    # One side stream for every graph's warm-up: the allocator caches freed memory per stream, so a stream per graph
+    # (30 probes) would keep 30 steps' worth of activations.
+    if torch.cuda.current_device() not in _SIDE:
+        _SIDE[torch.cuda.current_device()] = torch.cuda.Stream()
+    side = _SIDE[torch.cuda.current_device()]
 
     def run(*args):
         nonlocal graph, ins, out, calls
@@ -309,7 +321,7 @@ def cuda_graph(step, warmup=3):
         if graph is None:
             ins, graph = [a.clone() for a in args], torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, pool=pool):
                     out = step(*ins)  # recorded, not run: the replay below runs it
             except RuntimeError as e:
                 raise RuntimeError(f"recording the training step as a CUDA graph failed ({e}); run the stage again "

@@ -13,12 +13,14 @@ layers with the lowest scores; smaller budgets are prefixes of the same ranking.
 
 Each round computes the teacher's hidden states once per batch and steps every probe on them (one teacher forward
 for L probes). Probes train together as many as memory holds (on the GPU; those that do not fit there wait in CPU
-memory between their turns); more layers than that run in groups, later groups ranking against the stored curves
-of earlier ones, cut to the same step. Under torchrun the layers are split across the ranks (no gradient traffic:
-the probes are independent), the curves gathered after every round so that every rank takes the same early-stop
-decision, and rank 0 writes the file. scores.json is rewritten (atomically) after every round; a finished layer
-(all steps, or early-stopped) is never recomputed when the same settings and the same Stage-1 weights run again; an
-unfinished one restarts.
+memory between their turns); on the GPU each probe that stays there replays its step as a CUDA graph
+(common.cuda_graph, --graph; one memory pool shared by all of them, since they run one after another), as distill.py
+does, while a parked probe moves and so keeps the eager step. More layers than fit run in groups, later groups
+ranking against the stored curves of earlier ones, cut to the same step. Under torchrun the layers are split across
+the ranks (no gradient traffic: the probes are independent), the curves gathered after every round so that every
+rank takes the same early-stop decision, and rank 0 writes the file. scores.json is rewritten (atomically) after
+every round; a finished layer (all steps, or early-stopped) is never recomputed when the same settings and the same
+Stage-1 weights run again; an unfinished one restarts.
 
 Reads  out/<run>/align/ckpt.pt, the teacher and token files named in its config.
 Writes out/<run>/score/scores.json: per layer {score, curve, steps, tokens, early_stopped, stopped_at, finished},
@@ -39,8 +41,9 @@ from dataclasses import dataclass
 import torch
 
 import model as M
-from common import (Dist, Logger, banner, check_finite, check_positive, check_shapes, check_teacher, fingerprint,
-                    inherit, init_dist, lock_folder, parse_args, parse_budget, print_config, write_json)
+from common import (Dist, Logger, banner, check_finite, check_positive, check_shapes, check_teacher, cuda_graph,
+                    fingerprint, inherit, init_dist, lock_folder, parse_args, parse_budget, print_config, want_graph,
+                    write_json)
 from distill import (compile_blocks, load_teachers, make_hybrid, make_optimizer, micro_batches, open_data, set_lr,
                      stage2_step, teacher_hidden)
 
@@ -71,6 +74,8 @@ class Config:
     max_probes: int = 0           # probes trained together per process (0 = as many as memory holds)
     compile: str = "auto"         # torch.compile the probes' blocks (compiled once for all): auto (GPU) | true | false
     offload: str = "auto"         # park probes in CPU memory between turns: auto | true | false
+    graph: str = "auto"           # replay each probe's step as a CUDA graph (probes that stay on the GPU; one memory
+                                  # pool for all): auto (GPU) | true | false
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order
 
@@ -83,6 +88,8 @@ class Config:
             raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
         if self.offload not in ("auto", "true", "false"):
             raise ValueError(f"--offload={self.offload!r}: choose auto, true or false")
+        if self.graph not in ("auto", "true", "false"):
+            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
 
 
 # Settings that change a probe's KL curve or its stopping point: a stored layer is reused only if they all match
@@ -243,14 +250,28 @@ def main(cfg):
     # ---- score: groups of probes, each trained in rounds that share the teacher's forward pass
     log = Logger(out_dir, enabled=d.main)
     stopped_at, one = None, Dist(0, 1, device)      # every probe sees the whole batch (one = no row split)
+    graphs = want_graph(cfg.graph, one)             # a probe's step is its own process's: no DDP in it
     rounds = math.ceil(cfg.steps / cfg.eval_every)
+
+    def probe_step(student, opt):
+        """The probe's optimizer step from its micro-batches, flattened: idx, teacher hidden, idx, ..."""
+        def step(*tensors):
+            return stage2_step(student, student, list(zip(tensors[::2], tensors[1::2])), t_head, opt, cfg.clip, device,
+                               cfg.chunk)
+        return step
+
     for g in range(n_groups):
         group = mine[g * group_size:(g + 1) * group_size]
-        probes, home = {}, {}
+        probes, home, steps = {}, {}, {}
+        pool = torch.cuda.graph_pool_handle() if graphs else None
         for i, l in enumerate(group):
             home[l] = device if i < resident else "cpu"
             student = compile_blocks(make_hybrid(copy.deepcopy(base), teacher32, [l]).to(home[l]), cfg, device)
             probes[l] = (student, make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay))
+            steps[l] = probe_step(*probes[l])
+            # a graph keeps the addresses it recorded: only probes that stay on the GPU between turns get one
+            graphed = cuda_graph(steps[l], pool=pool) if graphs and home[l] == device else None
+            steps[l] = (steps[l], graphed)
         curves, secs = {l: [] for l in group}, {l: 0.0 for l in group}
         # Early stopping needs every layer in the ranking: finished layers count with their curve cut to this step.
         seen = {l for r in range(d.world) for l in todo[r::d.world][:(g + 1) * group_size]}
@@ -268,9 +289,12 @@ def main(cfg):
                 move(probe, device)
                 student, opt = probe
                 kls = []
+                eager, graphed = steps[l]
                 for i, batch in enumerate(batches):
                     set_lr(opt, step + i, cfg.warmup)
-                    kls.append(stage2_step(student, student, batch, t_head, opt, cfg.clip, device, cfg.chunk))
+                    # recorded once the lr is constant (after the warmup): the graph keeps the lr it was recorded with
+                    run = graphed if graphed and step + i + 1 >= cfg.warmup else eager
+                    kls.append(run(*(x for pair in batch for x in pair)))
                 curves[l] += [float(k) for k in torch.stack(kls)]   # one wait for the GPU per probe and round
                 check_finite(sum(curves[l][-n:]), f"{step + n} of the layer-{l} probe", None,
                              "a smaller --lr_mixer / --lr_other (layers already finished stay in scores.json)")
@@ -306,7 +330,7 @@ def main(cfg):
                     print(f"top-K sets {[sorted(s) for s in top]} unchanged for {stable} rounds: stopping all probes "
                           f"at step {step} of {cfg.steps}")
                 break
-        del probes
+        del probes, steps
 
     # ---- report
     if not done:

@@ -128,3 +128,29 @@ def test_a_second_scorer_of_the_same_run_is_refused(aligned, tmp_path):
     (folder / ".lock").write_text(json.dumps({"pid": 1, "host": os.uname().nodename, "what": "score.py"}))
     with pytest.raises(RuntimeError, match=r"being written by another process \(score.py, pid 1"):
         run_score(aligned, tmp_path, layers="0", steps=2)
+
+
+def test_graph_flag_is_checked():
+    with pytest.raises(ValueError, match="choose auto, true or false"):
+        score.Config(graph="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+def test_graphed_probes_score_as_eager_ones(aligned, tmp_path, monkeypatch):
+    """Each resident probe's step replayed as a CUDA graph (3 eager steps, then the capture; one memory pool for
+    all probes) gives the eager probes' curves; a probe parked in CPU memory between turns keeps the eager step."""
+    replays = []
+    real = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), real(g))[1])
+    curves = {}
+    for graph in ("false", "true"):
+        run_score(aligned, tmp_path / graph, layers="0,1,2", steps=8, eval_every=4, micro_batch=1, device="cuda",
+                  graph=graph)
+        layers = scores_of(tmp_path / graph, "s")["layers"]
+        curves[graph] = {l: layers[l]["curve"] for l in layers}
+    assert len(replays) == 3 * (8 - 3)
+    for l in curves["false"]:
+        assert curves["true"][l] == pytest.approx(curves["false"][l], rel=1e-3), l
+    replays.clear()
+    run_score(aligned, tmp_path / "parked", layers="0,1,2", steps=8, eval_every=4, device="cuda", offload="true")
+    assert not replays                               # every probe parked: none is graphed
