@@ -324,6 +324,7 @@ def cuda_graph(step, warmup=3, pool=None):
                 with torch.cuda.graph(graph, pool=pool):
                     out = step(*ins)  # recorded, not run: the replay below runs it
             except RuntimeError as e:
+                graph = None
                 raise RuntimeError(f"recording the training step as a CUDA graph failed ({e}); run the stage again "
                                    "with --graph=false (the step eager, slower) and report it") from e
         else:
@@ -412,8 +413,11 @@ def distribute(model, d, shard=False):
     from torch.nn.parallel import DistributedDataParallel
     if not d.device.startswith("cuda"):
         return DistributedDataParallel(model)
-    with torch.cuda.stream(torch.cuda.Stream()):  # made on a side stream, so that its step can be a CUDA graph
-        return DistributedDataParallel(model, device_ids=[torch.device(d.device).index])
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # made on a side stream, so that its step can be a CUDA graph
+        ddp = DistributedDataParallel(model, device_ids=[torch.device(d.device).index])
+    torch.cuda.current_stream().wait_stream(side)   # its broadcast of the weights, before the first step reads them
+    return ddp
 
 
 def full_state(model, opt, d, shard):
@@ -428,11 +432,20 @@ def full_state(model, opt, d, shard):
 
 
 def load_optimizer(opt, model, state, d, shard):
-    """Restore an optimizer state written by full_state (each rank takes its shard of it under FSDP2)."""
+    """Restore an optimizer state written by full_state (each rank takes its shard of it under FSDP2). The state
+    brings the settings of the run that wrote it (fused and capturable on a GPU, neither on the CPU, capturable not
+    before the CUDA-graph step): this run's device decides them, and the step counters move to where they belong."""
     if not (shard and d.world > 1):
-        return opt.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+        opt.load_state_dict(state)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    cuda = d.device.startswith("cuda")
+    for group in opt.param_groups:
+        group["fused"] = group["capturable"] = cuda
+    for p, st in opt.state.items():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].to(p.device if cuda else "cpu", torch.float32)
 
 
 def check_shapes(student_config, teacher_config, source):

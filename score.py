@@ -260,10 +260,10 @@ def main(cfg):
                                cfg.chunk)
         return step
 
+    pool = torch.cuda.graph_pool_handle() if graphs else None   # one pool for every probe of every group
     for g in range(n_groups):
         group = mine[g * group_size:(g + 1) * group_size]
         probes, home, steps = {}, {}, {}
-        pool = torch.cuda.graph_pool_handle() if graphs else None
         for i, l in enumerate(group):
             home[l] = device if i < resident else "cpu"
             student = compile_blocks(make_hybrid(copy.deepcopy(base), teacher32, [l]).to(home[l]), cfg, device)
@@ -330,7 +330,8 @@ def main(cfg):
                     print(f"top-K sets {[sorted(s) for s in top]} unchanged for {stable} rounds: stopping all probes "
                           f"at step {step} of {cfg.steps}")
                 break
-        del probes, steps
+        # the group's probes and graphs go (a graph left alive would keep its memory): no name may hold one
+        probes = steps = probe = student = opt = eager = graphed = run = None
 
     # ---- report
     if not done:

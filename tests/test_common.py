@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from common import inherit, parse_args
 
@@ -148,3 +149,24 @@ def test_want_graph_says_where_the_step_is_a_cuda_graph():
         want_graph("true", cpu)
     with pytest.raises(ValueError, match="FSDP2"):
         want_graph("true", ddp, shard=True)
+
+
+def test_a_resumed_optimizer_takes_this_runs_settings():
+    """A mid-run optimizer state written on a GPU (fused, capturable, step counters on the device) resumes on the
+    CPU with the CPU's settings, and the step after it runs; one written before the CUDA-graph step (capturable off)
+    resumes on a GPU capturable, which a recorded step needs."""
+    from common import Dist, load_optimizer
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.ones(3)
+    opt.step()
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        g["fused"] = g["capturable"] = True           # as a GPU run writes it
+    new = torch.optim.AdamW([w], lr=0.1)
+    load_optimizer(new, None, state, Dist(0, 1, "cpu"), shard=False)
+    assert [(g["fused"], g["capturable"]) for g in new.param_groups] == [(False, False)]
+    assert new.state[w]["step"].device.type == "cpu" and new.state[w]["step"].dtype == torch.float32
+    w.grad = torch.ones(3)
+    new.step()
+    assert float(new.state[w]["step"]) == 2
