@@ -12,7 +12,9 @@ Li et al. Sec. 3). Only the mixer parameters train; everything else is the teach
 
 Each layer's late loss (mean over the last ~10% of steps) is stored as metrics["layer_losses"]: the GA-S1 baseline of
 select_layers.py (the worst-aligned layers stay softmax). On the GPU the frozen teacher runs in bf16 weights and the
-mixers (fp32 weights) under bf16 autocast; under torchrun every rank takes its rows of each global batch (DDP).
+mixers (fp32 weights) under bf16 autocast, and the whole step is replayed as one CUDA graph (--graph, as in
+distill.py; the lr is a tensor the graph reads, refilled each step); under torchrun every rank takes its rows of each
+global batch (DDP).
 
 Reads out/<run>/transfer/ckpt.pt (the teacher is inherited from its config) and the token files of data.py;
 writes out/<run>/align/ckpt.pt (+ meta.json, log.jsonl); mid-run checkpoints every --save_every steps, which
@@ -32,8 +34,8 @@ import torch
 import torch.nn as nn
 
 import model as M
-from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, distribute, inherit, init_dist,
-                    lock_folder, parse_args, print_config)
+from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, cuda_graph, distribute, inherit,
+                    init_dist, load_optimizer, lock_folder, parse_args, print_config, want_graph)
 from distill import micro_batches, open_data
 
 
@@ -59,6 +61,8 @@ class Config:
     resume: bool = False            # continue the mid-run checkpoint at --output (same settings)
     valid_batches: int = 4          # held-out batches measured at the end
     compile: str = "auto"           # torch.compile the per-layer step: auto (on the GPU) | true | false
+    graph: str = "auto"             # replay each step as one CUDA graph: auto (on a GPU, one process or DDP) | true
+                                    # | false
     device: str = ""                # "" -> cuda if available else cpu
     seed: int = 0                   # data order: batch s is a function of (seed, s) only
 
@@ -67,6 +71,8 @@ class Config:
                        "valid_batches", "warmup", allow_zero=("micro_batch", "save_every", "valid_batches", "warmup"))
         if self.compile not in ("auto", "true", "false"):
             raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
+        if self.graph not in ("auto", "true", "false"):
+            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
 
 
 def rms_distance(t, s):
@@ -174,10 +180,13 @@ def main(cfg):
     compiled = cfg.compile == "true" or (cfg.compile == "auto" and cuda)
     aligner = Aligner([layer.self_attn for layer in student.model.layers], compiled).requires_grad_(True)
     params = list(aligner.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=cuda)
+    graphs = want_graph(cfg.graph, d)
+    # The lr changes every step (cosine): a recorded step reads it from a tensor on the GPU, refilled before each step.
+    opt = torch.optim.AdamW(params, lr=torch.tensor(cfg.lr, device=device) if graphs else cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=cfg.weight_decay, fused=cuda, capturable=cuda)
     start = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(opt, aligner, state["optimizer"], d, shard=False)
         start = state["step"]
     forward = distribute(aligner, d)
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -197,11 +206,10 @@ def main(cfg):
     tail = max(1, math.ceil(cfg.steps / 10))          # the late steps whose per-layer losses are averaged
     history = [torch.tensor(h, device=device) for h in state["history"]] if state else []  # per step, per layer
     last_ckpt = cfg.output if state else None
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batches = micro_batches(train, cfg, cfg.seed, step, d)
+
+    def train_step(*batches):
+        """One optimizer step over this process's micro-batches [b, T + 1]: (per-layer losses, gradient norm) as one
+        tensor [L + 1] on the device."""
         losses = torch.zeros(n_layers, device=device)
         for i, idx in enumerate(batches):
             last = i == len(batches) - 1 or not hasattr(forward, "no_sync")
@@ -217,6 +225,18 @@ def main(cfg):
         elif bool(ok):
             opt.step()
         opt.zero_grad(set_to_none=True)
+        return torch.cat([losses, grad_norm.float().reshape(1)])
+
+    run = cuda_graph(train_step, 3 if d.world == 1 else 11) if graphs else train_step
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)       # in place: the recorded step reads this tensor
+            else:
+                group["lr"] = lr
+        out = run(*micro_batches(train, cfg, cfg.seed, step, d))
+        losses, grad_norm = out[:-1], out[-1]
         history.append(all_mean(losses, d))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = min(cfg.log_every, step + 1 - start)

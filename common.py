@@ -434,15 +434,19 @@ def full_state(model, opt, d, shard):
 def load_optimizer(opt, model, state, d, shard):
     """Restore an optimizer state written by full_state (each rank takes its shard of it under FSDP2). The state
     brings the settings of the run that wrote it (fused and capturable on a GPU, neither on the CPU, capturable not
-    before the CUDA-graph step): this run's device decides them, and the step counters move to where they belong."""
+    before the CUDA-graph step): this run's device decides them, the step counters move to where they belong, and an
+    lr that this run keeps in a tensor (align.py's recorded step reads it there) stays that tensor, with the saved
+    value."""
+    mine = [g["lr"] for g in opt.param_groups]   # a tensor where a recorded step reads the lr from it: keep it
     if not (shard and d.world > 1):
         opt.load_state_dict(state)
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
     cuda = d.device.startswith("cuda")
-    for group in opt.param_groups:
+    for group, lr in zip(opt.param_groups, mine):
         group["fused"] = group["capturable"] = cuda
+        group["lr"] = lr.fill_(float(group["lr"])) if torch.is_tensor(lr) else float(group["lr"])
     for p, st in opt.state.items():
         if torch.is_tensor(st.get("step")):
             st["step"] = st["step"].to(p.device if cuda else "cpu", torch.float32)

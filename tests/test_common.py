@@ -170,3 +170,19 @@ def test_a_resumed_optimizer_takes_this_runs_settings():
     w.grad = torch.ones(3)
     new.step()
     assert float(new.state[w]["step"]) == 2
+
+
+def test_a_resumed_optimizer_keeps_its_lr_tensor():
+    """align.py's recorded step reads the lr from a tensor: resuming fills that same tensor with the saved lr
+    (replacing it by the saved value would leave the recorded step reading a tensor nobody updates)."""
+    from common import Dist, load_optimizer
+    w = torch.nn.Parameter(torch.ones(3))
+    old = torch.optim.AdamW([w], lr=0.25)
+    state = old.state_dict()
+    lr = torch.tensor(1.0)
+    new = torch.optim.AdamW([w], lr=lr)
+    load_optimizer(new, None, state, Dist(0, 1, "cpu"), shard=False)
+    assert new.param_groups[0]["lr"] is lr and float(lr) == 0.25
+    plain = torch.optim.AdamW([w], lr=1.0)
+    load_optimizer(plain, None, state, Dist(0, 1, "cpu"), shard=False)
+    assert plain.param_groups[0]["lr"] == 0.25 and not torch.is_tensor(plain.param_groups[0]["lr"])
