@@ -295,7 +295,8 @@ def cuda_graph(step, warmup=3, pool=None):
     compiles, the optimizer makes its state); the next is recorded once (torch.cuda.graph: every kernel with its
     memory) and from then on each call copies its inputs into the recorded ones and replays. So `step` must be
     static: the same shapes every call, nothing read on the host (.item(), bool(tensor), Python branches on
-    values), the same learning rate (it is a kernel argument, recorded), an optimizer made with capturable=True,
+    values), the same learning rate (a float lr is a kernel argument, recorded; one kept in a GPU tensor, as
+    align.py does, is read at every replay, so refill it in place), an optimizer made with capturable=True,
     and every tensor it makes from Python values made on the GPU (torch.full, not torch.tensor). The returned
     tensor is a copy: the recorded output is overwritten by the next replay.
 

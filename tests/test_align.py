@@ -149,3 +149,23 @@ def test_graphed_step_trains_as_the_eager_step(aligned, tmp_path, monkeypatch):
     assert len(replays) == 12 - 3
     for eager, graphed in zip(curves["false"], curves["true"]):
         assert graphed == pytest.approx(eager, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+def test_a_graphed_run_resumes_as_the_uninterrupted_one(aligned, tmp_path, monkeypatch):
+    """Killed after step 8 (a mid-run checkpoint at 8), resumed: the resumed run warms up, records and replays
+    again, with its lr tensor filled from the checkpoint, and ends with the uninterrupted graphed run's losses."""
+    whole = run_align(aligned, tmp_path, run_name="whole", steps=12, device="cuda", graph="true")
+    real = align.lr_at
+
+    def killed(step, cfg):
+        if step == 8:
+            raise KeyboardInterrupt("killed at step 9")
+        return real(step, cfg)
+    monkeypatch.setattr(align, "lr_at", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_align(aligned, tmp_path, run_name="cut", steps=12, device="cuda", graph="true", save_every=4)
+    monkeypatch.undo()
+    resumed = run_align(aligned, tmp_path, run_name="cut", steps=12, device="cuda", graph="true", save_every=4,
+                        resume=True)
+    assert resumed["layer_losses"] == pytest.approx(whole["layer_losses"], rel=1e-3)
