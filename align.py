@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 
 import model as M
-from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, cuda_graph, distribute, inherit,
-                    init_dist, load_optimizer, lock_folder, parse_args, print_config, want_graph)
+from common import (Logger, all_mean, autocast, banner, check_finite, check_modes, check_positive, cuda_graph,
+                    distribute, inherit, init_dist, load_optimizer, lock_folder, parse_args, print_config, want_graph)
 from distill import micro_batches, open_data
 
 
@@ -69,10 +69,7 @@ class Config:
     def __post_init__(self):
         check_positive(self, "steps", "batch_size", "seq_len", "log_every", "micro_batch", "save_every",
                        "valid_batches", "warmup", allow_zero=("micro_batch", "save_every", "valid_batches", "warmup"))
-        if self.compile not in ("auto", "true", "false"):
-            raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
-        if self.graph not in ("auto", "true", "false"):
-            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
+        check_modes(self, "compile", "graph")
 
 
 def rms_distance(t, s):

@@ -119,6 +119,13 @@ def check_positive(cfg, *names, allow_zero=()):
             raise ValueError(f"--{name}={v}: must be a positive integer" + (" (or 0)" if name in allow_zero else ""))
 
 
+def check_modes(cfg, *names):
+    """Flags that take auto | true | false (--compile, --graph, --offload): anything else is an error naming it."""
+    for name in names:
+        if getattr(cfg, name) not in ("auto", "true", "false"):
+            raise ValueError(f"--{name}={getattr(cfg, name)!r}: choose auto, true or false")
+
+
 def print_config(cfg):
     """Print the resolved configuration, one key per line, so every log starts with what ran."""
     print(f"config ({type(cfg).__module__}):")

@@ -18,14 +18,12 @@ while training (as RADLADS does) and re-ties it in the final checkpoint (`--reti
 RADLADS does; `mean` averages the two, `head` keeps the head), reporting the held-out KL before and after
 re-tying; checkpoints written during training keep the untied head.
 
-Speed: the frozen teacher runs in bf16 weights under inference mode, its final hidden states computed once per
-batch; the student keeps fp32 weights under bf16 autocast (updates of 7e-6 need fp32), its blocks compiled by default
-on the GPU (the GLA kernel stays opaque to the compiler); fused AdamW; the host reads the loss only at log steps (a
-non-finite step is skipped on the GPU itself, see skip_nonfinite). On a GPU the whole step, teacher forward to
-optimizer update (and DDP's all-reduce), is recorded once as a CUDA graph and replayed (--graph, common.cuda_graph):
-one launch instead of ~2600 small ones the GPU would wait for (on an H200, 16 x 1024 tokens: 95k -> 187k tok/s on
-one GPU, 80k -> 305k on two). Under torchrun every rank takes its rows of each global batch (DDP; --shard=true for
-FSDP2), and --micro_batch splits a rank's rows into several forwards.
+Speed: the frozen teacher runs in bf16 weights under inference mode (its final hidden states once per batch); the
+student keeps fp32 weights under bf16 autocast (updates of 7e-6 need fp32), its blocks compiled on the GPU; fused
+AdamW skips a non-finite step on the GPU itself (skip_nonfinite). On a GPU the whole step, DDP's all-reduce
+included, is recorded once as a CUDA graph and replayed (--graph, common.cuda_graph): one launch instead of ~2600
+the GPU would wait for (H200, 16 x 1024 tokens: 95k -> 187k tok/s on one GPU, 305k on two). Under torchrun every
+rank takes its rows of each global batch (DDP; --shard=true for FSDP2); --micro_batch splits them into forwards.
 
 Reads  out/<run>/align/ckpt.pt, out/<run>/select/selection.json (or --layers=3,7), the teacher named in the parent
        checkpoint's config, the token files of data.py.
@@ -49,8 +47,8 @@ import torch.nn as nn
 
 import data
 import model as M
-from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_shapes, check_teacher,
-                    cuda_graph, distribute, fingerprint, full_state, inherit, init_dist, kl_div_chunked,
+from common import (Logger, all_mean, autocast, banner, check_finite, check_modes, check_positive, check_shapes,
+                    check_teacher, cuda_graph, distribute, fingerprint, full_state, inherit, init_dist, kl_div_chunked,
                     load_optimizer, lock_folder, parse_args, print_config, want_graph)
 from teachers import from_pretrained
 
@@ -86,8 +84,7 @@ class Config:
                                   # <out>/tokens_<n>/ckpt.pt: quality against distill tokens from one run
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings), or say it is finished
     compile: str = "auto"         # torch.compile the student's blocks: auto (on the GPU) | true | false
-    graph: str = "auto"           # replay each step as one CUDA graph (common.cuda_graph): auto (on a GPU, one
-                                  # process or DDP; not FSDP2) | true (the same, or an error) | false
+    graph: str = "auto"           # one CUDA graph per step: auto (GPU, not FSDP2) | true (or an error) | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP (students that do not fit one GPU)
     device: str = ""              # "" = cuda if available else cpu
     seed: int = 0                 # data order: batch s is a function of (seed, s) only
@@ -98,10 +95,7 @@ class Config:
                                                                          "eval_every", "warmup"))
         if self.retie not in ("embed", "mean", "head"):
             raise ValueError(f"--retie={self.retie!r}: choose embed, mean or head")
-        if self.compile not in ("auto", "true", "false"):
-            raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
-        if self.graph not in ("auto", "true", "false"):
-            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
+        check_modes(self, "compile", "graph")
         if self.untie and self.shard:
             raise ValueError("--untie=true with --shard=true is not supported: re-tying swaps parameters FSDP2 holds")
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import model as M
-from common import (Logger, all_mean, autocast, banner, check_finite, check_positive, check_shapes, check_teacher,
-                    cuda_graph, distribute, full_state, inherit, init_dist, kl_div_chunked, load_optimizer,
-                    lock_folder, parse_args, print_config, want_graph)
+from common import (Logger, all_mean, autocast, banner, check_finite, check_modes, check_positive, check_shapes,
+                    check_teacher, cuda_graph, distribute, full_state, inherit, init_dist, kl_div_chunked,
+                    load_optimizer, lock_folder, parse_args, print_config, want_graph)
 from distill import compile_blocks, load_teachers, micro_batches, open_data, set_lr, skip_nonfinite, teacher_hidden
 
 
@@ -75,8 +75,7 @@ class Config:
                                                            "warmup"))
         if self.seq_len != -1:
             check_positive(self, "seq_len")
-        if self.graph not in ("auto", "true", "false"):
-            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
+        check_modes(self, "graph")
         if not 0 <= self.kl_weight <= 1:
             raise ValueError(f"--kl_weight={self.kl_weight}: a share between 0 and 1")
 

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 
 import model as M
-from common import (Dist, Logger, banner, check_finite, check_positive, check_shapes, check_teacher, cuda_graph,
-                    fingerprint, inherit, init_dist, lock_folder, parse_args, parse_budget, print_config, want_graph,
-                    write_json)
+from common import (Dist, Logger, banner, check_finite, check_modes, check_positive, check_shapes, check_teacher,
+                    cuda_graph, fingerprint, inherit, init_dist, lock_folder, parse_args, parse_budget, print_config,
+                    want_graph, write_json)
 from distill import (compile_blocks, load_teachers, make_hybrid, make_optimizer, micro_batches, open_data, set_lr,
                      stage2_step, teacher_hidden)
 
@@ -84,12 +84,7 @@ class Config:
                        "max_probes", "warmup", allow_zero=("micro_batch", "patience", "max_probes", "warmup"))
         if not 0 < self.late_frac <= 1:
             raise ValueError(f"--late_frac={self.late_frac}: a fraction in (0, 1]")
-        if self.compile not in ("auto", "true", "false"):
-            raise ValueError(f"--compile={self.compile!r}: choose auto, true or false")
-        if self.offload not in ("auto", "true", "false"):
-            raise ValueError(f"--offload={self.offload!r}: choose auto, true or false")
-        if self.graph not in ("auto", "true", "false"):
-            raise ValueError(f"--graph={self.graph!r}: choose auto, true or false")
+        check_modes(self, "compile", "offload", "graph")
 
 
 # Settings that change a probe's KL curve or its stopping point: a stored layer is reused only if they all match

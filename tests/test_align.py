@@ -101,15 +101,20 @@ def test_nan_stops_and_no_broken_checkpoint_is_published(aligned, tmp_path, monk
         align.main(align.Config(run_name="missing", out_dir=aligned.out, device="cpu"))
 
 
-def test_resume_equals_the_uninterrupted_run(aligned, tmp_path, monkeypatch):
-    whole = run_align(aligned, tmp_path, run_name="whole")
+def kill_at(monkeypatch, at):
+    """align.lr_at raises at step `at` (0-based): the run dies there, as a killed process would."""
     real = align.lr_at
 
     def killed(step, cfg):
-        if step == 4:
-            raise KeyboardInterrupt("killed at step 5")
+        if step == at:
+            raise KeyboardInterrupt(f"killed at step {at + 1}")
         return real(step, cfg)
     monkeypatch.setattr(align, "lr_at", killed)
+
+
+def test_resume_equals_the_uninterrupted_run(aligned, tmp_path, monkeypatch):
+    whole = run_align(aligned, tmp_path, run_name="whole")
+    kill_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run_align(aligned, tmp_path, run_name="cut", save_every=2)
     monkeypatch.undo()
@@ -156,13 +161,7 @@ def test_a_graphed_run_resumes_as_the_uninterrupted_one(aligned, tmp_path, monke
     """Killed after step 8 (a mid-run checkpoint at 8), resumed: the resumed run warms up, records and replays
     again, with its lr tensor filled from the checkpoint, and ends with the uninterrupted graphed run's losses."""
     whole = run_align(aligned, tmp_path, run_name="whole", steps=12, device="cuda", graph="true")
-    real = align.lr_at
-
-    def killed(step, cfg):
-        if step == 8:
-            raise KeyboardInterrupt("killed at step 9")
-        return real(step, cfg)
-    monkeypatch.setattr(align, "lr_at", killed)
+    kill_at(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         run_align(aligned, tmp_path, run_name="cut", steps=12, device="cuda", graph="true", save_every=4)
     monkeypatch.undo()
