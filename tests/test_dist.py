@@ -91,11 +91,13 @@ def test_allreduce_benchmark_runs_under_torchrun():
 
 
 def test_bench_train_runs_each_stage_under_torchrun(tmp_path):
-    """bench_train --gpus=2: a stage runs as 2 torchrun processes (here a script that reports its world size)."""
+    """bench_train --gpus=2: a stage runs as 2 torchrun processes (here a script that leaves a file named by its rank
+    and world size: printing, the two processes' lines could interleave)."""
     import bench_train
-    (tmp_path / "stage.py").write_text("import os; print('world', os.environ.get('WORLD_SIZE', '1'))\n")
+    (tmp_path / "stage.py").write_text("import os\nenv = os.environ.get\n"
+                                       "open(f\"rank{env('RANK', '0')}_of_{env('WORLD_SIZE', '1')}\", 'w').close()\n")
     log = str(tmp_path / "log")
     bench_train.sh(str(tmp_path), "stage.py", "", log, gpus=2)
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0_of_2", "rank1_of_2"], open(log).read()
     bench_train.sh(str(tmp_path), "stage.py", "", log)
-    text = open(log).read()
-    assert text.count("world 2") == 2 and text.count("world 1") == 1, text
+    assert (tmp_path / "rank0_of_1").exists()
