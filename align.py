@@ -224,7 +224,7 @@ def main(cfg):
         opt.zero_grad(set_to_none=True)
         return torch.cat([losses, grad_norm.float().reshape(1)])
 
-    run = cuda_graph(train_step, 3 if d.world == 1 else 11) if graphs else train_step
+    run = cuda_graph(train_step) if graphs else train_step
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:

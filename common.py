@@ -293,12 +293,13 @@ def want_graph(mode, d, shard=False):
 _SIDE = {}
 
 
-def cuda_graph(step, warmup=3, pool=None):
+def cuda_graph(step, warmup=None, pool=None):
     """`step(*tensors) -> tensor`, replayed as one CUDA graph. A training step of a 135M model launches ~2600 small
     kernels, and the GPU waits for the Python that launches them about half of the step (bench_train.py --profile);
     replayed, the whole step is one launch.
 
-    The first `warmup` calls run eagerly, on a side stream as capture wants (Triton compiles and autotunes, inductor
+    The first `warmup` calls (default 3; 11 under torchrun, where the step holds DDP's all-reduce: PyTorch's
+    CUDA-graph notes) run eagerly, on a side stream as capture wants (Triton compiles and autotunes, inductor
     compiles, the optimizer makes its state); the next is recorded once (torch.cuda.graph: every kernel with its
     memory) and from then on each call copies its inputs into the recorded ones and replays. So `step` must be
     static: the same shapes every call, nothing read on the host (.item(), bool(tensor), Python branches on
@@ -311,6 +312,9 @@ def cuda_graph(step, warmup=3, pool=None):
     another, never at once, and whose temporaries need not outlive their replay (score.py's probes): one pool holds
     the activations of one step instead of one per graph."""
     graph, ins, out, calls = None, [], None, 0
+    if warmup is None:
+        import torch.distributed as dist
+        warmup = 11 if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else 3
     # One side stream for every graph's warm-up: the allocator caches freed memory per stream, so a stream per graph
     # (30 probes) would keep 30 steps' worth of activations.
     if torch.cuda.current_device() not in _SIDE:

@@ -362,8 +362,7 @@ def main(cfg):
         batches = [(idx[:, :-1], teacher_hidden(teacher, idx[:, :-1], device)) for idx in rows]
         return stage2_step(forward, student, batches, teacher.lm_head.weight, opt, cfg.clip, device, cfg.chunk)
 
-    warm = 3 if d.world == 1 else 11   # eager steps before the capture (DDP's: PyTorch's CUDA-graph notes)
-    graphed = cuda_graph(train_step, warm) if want_graph(cfg.graph, d, cfg.shard) else None
+    graphed = cuda_graph(train_step) if want_graph(cfg.graph, d, cfg.shard) else None
     for step in range(start, cfg.steps):
         lr = set_lr(opt, step, cfg.warmup)
         # recorded once the lr is constant (after the warmup): the graph keeps the lr it was recorded with

@@ -197,8 +197,7 @@ def main(cfg):
         skip_nonfinite(opt, total[0], norm)
         return total
 
-    warm = 3 if d.world == 1 else 11   # eager steps before the capture (DDP's: PyTorch's CUDA-graph notes)
-    graphed = cuda_graph(train_step, warm) if want_graph(cfg.graph, d, cfg.shard) else None
+    graphed = cuda_graph(train_step) if want_graph(cfg.graph, d, cfg.shard) else None
     for step in range(start, cfg.steps):
         lr = set_lr(opt, step, cfg.warmup)
         run = graphed if graphed and step + 1 >= cfg.warmup else train_step   # recorded once the lr is constant

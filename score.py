@@ -263,10 +263,10 @@ def main(cfg):
             home[l] = device if i < resident else "cpu"
             student = compile_blocks(make_hybrid(copy.deepcopy(base), teacher32, [l]).to(home[l]), cfg, device)
             probes[l] = (student, make_optimizer(student, cfg.lr_mixer, cfg.lr_other, cfg.weight_decay))
-            steps[l] = probe_step(*probes[l])
-            # a graph keeps the addresses it recorded: only probes that stay on the GPU between turns get one
-            graphed = cuda_graph(steps[l], pool=pool) if graphs and home[l] == device else None
-            steps[l] = (steps[l], graphed)
+            eager = probe_step(*probes[l])
+            # a graph keeps the addresses it recorded: only probes that stay on the GPU between turns get one; 3 eager
+            # steps suffice (no DDP in a probe, even under torchrun)
+            steps[l] = (eager, cuda_graph(eager, 3, pool) if graphs and home[l] == device else None)
         curves, secs = {l: [] for l in group}, {l: 0.0 for l in group}
         # Early stopping needs every layer in the ranking: finished layers count with their curve cut to this step.
         seen = {l for r in range(d.world) for l in todo[r::d.world][:(g + 1) * group_size]}
