@@ -243,6 +243,10 @@ def main(cfg):
     from teachers import from_pretrained
     if not cfg.data_dir:
         raise SystemExit("--data_dir: the token folder of data.py is required")
+    stages = cfg.stages.split(",")
+    if "finetune" in stages and "distill" not in stages[:stages.index("finetune")] and not cfg.profile:
+        raise SystemExit(f"--stages={cfg.stages}: finetune trains the distill checkpoint of its shape, so distill "
+                         f"must come before it (e.g. --stages=distill,finetune)")
     repo, data_dir = os.path.abspath(cfg.repo), os.path.abspath(cfg.data_dir)
     old = "run_name" not in open(os.path.join(repo, "distill.py")).read()   # before --run was renamed
     name = lambda run: f"--run={run}" if old else f"--run_name={run}"  # noqa: E731

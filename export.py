@@ -23,7 +23,7 @@ choice agrees; what the target cannot express is refused with the reason, never 
         q/k/v biases (qwen2)                     attention has no RoPE scaling, no qk norm (qwen3), no o_proj bias,
                                                  and head_dim = hidden_size / num_heads: anything else is refused
 
-Reads  a checkpoint (model_config + state dict; GDN layers need no support in model.py to be exported) or a teacher
+Reads  a checkpoint (model_config + state dict, read as saved: no model is built) or a teacher
        source (HF folder, .gguf, "smollm2"), and its tokenizer source.
 Writes <out>/config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json.
 Loading an fla export: `import fla` first (it registers the classes with transformers); its kernels need CUDA.
@@ -237,12 +237,27 @@ def write_hf_tokenizer(source, folder, max_length=None):
 # -------------------------------------------------------------------------------------------------------- verify
 
 @torch.no_grad()
+def sdpa_flash_attn(q, k, v, causal=True, window_size=(-1, -1)):
+    """flash_attn_func's math (q, k, v as (B, T, heads, head_dim), GQA, causal, no window) with PyTorch's SDPA."""
+    if not causal or tuple(window_size) != (-1, -1):
+        raise ValueError(f"the SDPA stand-in for flash-attn does causal attention without a window only "
+                         f"(got causal={causal}, window_size={window_size})")
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
 def verify(folder, model, device):
     """Max |logit difference| between the export (loaded by transformers, fla imported for fla classes) and our
-    model, both fp32 on `device`, on 2 x 48 random tokens."""
+    model, both fp32 on `device`, on 2 x 48 random tokens. fla's softmax layers call flash-attn, which has no wheel
+    on PyPI; where it is missing, PyTorch's SDPA stands in for it (same math), and the log says so."""
     from transformers import AutoModelForCausalLM
     if json.load(open(os.path.join(folder, "config.json")))["architectures"][0] not in HF_CLASSES.values():
+        import fla.layers.attn
         import fla.models  # noqa: F401  (registers GLA / GatedDeltaNet with transformers' Auto classes)
+        if fla.layers.attn.flash_attn_func is None:
+            print("verify: flash-attn is not installed: PyTorch's SDPA stands in for it in fla's softmax layers")
+            fla.layers.attn.flash_attn_func = sdpa_flash_attn
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     idx = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
     return (theirs(idx).logits.float() - model.to(device).float()(idx).float()).abs().max().item()

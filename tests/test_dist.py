@@ -101,3 +101,12 @@ def test_bench_train_runs_each_stage_under_torchrun(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0_of_2", "rank1_of_2"], open(log).read()
     bench_train.sh(str(tmp_path), "stage.py", "", log)
     assert (tmp_path / "rank0_of_1").exists()
+
+
+def test_bench_train_refuses_finetune_without_its_distill(tmp_path):
+    """finetune reads the distill checkpoint of its shape: without distill before it in --stages the benchmark
+    stops at once with the fix, not after the other stages ran (an H200 session lost its finetune rows that way)."""
+    import bench_train
+    for stages in ("align,probe,finetune", "finetune,distill"):
+        with pytest.raises(SystemExit, match="distill must come before"):
+            bench_train.main(bench_train.Config(data_dir=str(tmp_path), stages=stages, out_dir=str(tmp_path)))

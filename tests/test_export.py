@@ -42,13 +42,13 @@ def tiny_hf(folder, kind, tie=False, eps=1e-5, head_dim=None, layers=4):
     return folder
 
 
-def hybrid_checkpoint(teacher, path, gla_layers, tokenizer=None):
-    """The teacher with GLA in `gla_layers`, every weight perturbed (norms and gate biases away from their init of
-    ones and zeros, so that a swapped name shows in the logits), saved as a distill checkpoint."""
+def hybrid_checkpoint(teacher, path, gla_layers, tokenizer=None, mixer="gla"):
+    """The teacher with GLA (or GDN) in `gla_layers`, every weight perturbed (norms and gate biases away from their
+    init of ones and zeros, so that a swapped name shows in the logits), saved as a distill checkpoint."""
     torch.manual_seed(1)
     student = from_pretrained(teacher)
     for i in gla_layers:
-        student.set_mixer(i, M.GLA(student.config), "gla")
+        student.set_mixer(i, {"gla": M.GLA, "gdn": M.GDN}[mixer](student.config), mixer)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -89,6 +89,7 @@ def fla_on_cpu(monkeypatch):
     pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models; fla-core has no classes) is missing")
     import fla
     import fla.layers.attn as fla_attn
+    import fla.layers.gated_deltanet as fla_gdn
     import fla.layers.gla as fla_gla
     from fla.modules import FusedRMSNormGated, RMSNorm, RotaryEmbedding
     from fla.modules.mlp import SwiGLULinear
@@ -111,19 +112,27 @@ def fla_on_cpu(monkeypatch):
         cos, sin = torch.cat((freqs, freqs), -1).cos()[:, None], torch.cat((freqs, freqs), -1).sin()[:, None]
         return M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
 
-    def flash_attn(q, k, v, causal=True, window_size=(-1, -1)):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                           enable_gqa=True)
-        return o.transpose(1, 2)
+    def gdn(q, k, v, g, beta, A_log, dt_bias, use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel,
+            use_gate_in_kernel, allow_neg_eigval=False, **_):
+        """The gated delta rule as fla's GatedDeltaNet layer calls its kernel (q/k l2norm, sigmoid beta and the decay
+        gate inside), through fla's own PyTorch references: naive_gdn_gate and naive_recurrent_gated_delta_rule."""
+        from fla.ops.gated_delta_rule.gate import naive_gdn_gate
+        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+        assert use_qk_l2norm_in_kernel and use_beta_sigmoid_in_kernel and use_gate_in_kernel and not allow_neg_eigval
+        q, k = (x.float() * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+        o, _ = naive_recurrent_gated_delta_rule(q, k, v, beta.float().sigmoid(), naive_gdn_gate(g, A_log, dt_bias))
+        return o.to(v.dtype), None
 
     monkeypatch.setattr(fla_gla, "chunk_gla", gla)
     monkeypatch.setattr(fla_gla, "fused_recurrent_gla", gla)
+    monkeypatch.setattr(fla_gdn, "chunk_gated_delta_rule", gdn)
+    monkeypatch.setattr(fla_gdn, "fused_recurrent_gated_delta_rule", gdn)
     monkeypatch.setattr(RMSNorm, "forward", rms_norm)
     monkeypatch.setattr(FusedRMSNormGated, "forward", lambda self, x, g, *a, **k: rms(x, self.weight, self.eps)
                         * F.silu(g))
     monkeypatch.setattr(SwiGLULinear, "forward", lambda self, x, y, w, b: F.linear(F.silu(x) * y, w, b))
     monkeypatch.setattr(RotaryEmbedding, "forward", rotary)
-    monkeypatch.setattr(fla_attn, "flash_attn_func", flash_attn)
+    monkeypatch.setattr(fla_attn, "flash_attn_func", export.sdpa_flash_attn)
     return fla
 
 
@@ -143,6 +152,19 @@ def test_gla_hybrid_loads_and_matches_in_fla(fla_on_cpu, tiny_teacher, tmp_path,
     config = json.load(open(tmp_path / "hf" / "config.json"))
     attn = [i for i in range(4) if i not in gla_layers]
     assert (config["attn"] or {}).get("layers", []) == attn
+    theirs, ours = load_fla(str(tmp_path / "hf")), M.load_checkpoint(ckpt)[0].eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs(idx).logits - ours(idx)).abs().max().item() < 1e-4
+
+
+def test_gdn_hybrid_loads_and_matches_in_fla(fla_on_cpu, tiny_teacher, tmp_path):
+    """A GDN student of model.py exports to fla's GatedDeltaNetForCausalLM, and that model (its gated delta rule run
+    by fla's own PyTorch references) gives our logits: names, head layout, gates, norms and the attn dict agree."""
+    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (0, 2, 3), mixer="gdn")
+    out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="off"))
+    assert out["target"] == "GatedDeltaNetForCausalLM"
+    assert json.load(open(tmp_path / "hf" / "config.json"))["attn"]["layers"] == [1]
     theirs, ours = load_fla(str(tmp_path / "hf")), M.load_checkpoint(ckpt)[0].eval()
     idx = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -173,7 +195,7 @@ def fla_gdn_as_ours(fla, attn_layers, eps=1e-5):
 
 def test_gdn_export_maps_onto_fla(fla_on_cpu):
     """GDN layers export with fla's GatedDeltaNet config: the exported config builds a model whose strict load of the
-    exported tensors reproduces the reference exactly (model.py has no GDN mixer yet; its tensors are fla's)."""
+    exported tensors reproduces the reference exactly."""
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
     ref, mc, ours = fla_gdn_as_ours(fla_on_cpu, attn_layers=[1])
     assert export.target(mc) == "GatedDeltaNetForCausalLM"
@@ -204,19 +226,41 @@ def test_refusals(tiny_teacher, tmp_path, fla_on_cpu):
     assert export.target(dict(mc, qk_norm=True, mixers=["gla"] * 4)) == "GLAForCausalLM"
 
 
+def test_sdpa_stand_in_is_causal_gqa_attention():
+    """The stand-in verify uses for flash-attn in fla's softmax layers equals causal GQA attention written out, and
+    refuses what it does not implement (a sliding window)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 7, 4, 8, generator=g), torch.randn(2, 7, 2, 8, generator=g), torch.randn(2, 7, 2, 8, generator=g)
+    k2, v2 = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)      # query head h reads kv head h // 2
+    s = torch.einsum("bthd,bshd->bhts", q, k2) / 8 ** 0.5
+    s = s.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.einsum("bhts,bshd->bthd", s.softmax(-1), v2)
+    assert (export.sdpa_flash_attn(q, k, v) - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="window"):
+        export.sdpa_flash_attn(q, k, v, window_size=(3, 0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need CUDA")
 def test_gla_export_matches_on_cuda(tiny_teacher, tmp_path, monkeypatch):
     """The export run by fla's own kernels (chunk GLA, fused norms, SwiGLU, RoPE) on CUDA against our model on
-    CUDA, both fp32. flash-attn is not on PyPI as a wheel, so where it is missing SDPA stands in for it."""
+    CUDA, both fp32 (where flash-attn is missing, verify puts PyTorch's SDPA in its place)."""
     pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is missing")
     import fla.layers.attn as fla_attn
-    if fla_attn.flash_attn_func is None:
-        monkeypatch.setattr(fla_attn, "flash_attn_func", lambda q, k, v, causal=True, window_size=None: F.
-                            scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                         is_causal=True, enable_gqa=True).transpose(1, 2))
+    monkeypatch.setattr(fla_attn, "flash_attn_func", fla_attn.flash_attn_func)  # restored after verify's stand-in
     ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (1, 2))
     out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="on"))
     assert out["max_abs_logit_diff"] < 2e-3, out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need CUDA")
+def test_gdn_export_matches_on_cuda(tiny_teacher, tmp_path, monkeypatch):
+    """The GDN export run by fla's chunked gated-delta-rule kernel on CUDA against our model on CUDA, both fp32."""
+    pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is missing")
+    import fla.layers.attn as fla_attn
+    monkeypatch.setattr(fla_attn, "flash_attn_func", fla_attn.flash_attn_func)  # restored after verify's stand-in
+    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (0, 2, 3), mixer="gdn")
+    out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="on"))
+    assert out["target"] == "GatedDeltaNetForCausalLM" and out["max_abs_logit_diff"] < 2e-3, out
 
 
 # -------------------------------------------------------------------------------------------------- tokenizer
