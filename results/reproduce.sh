@@ -46,9 +46,10 @@ steps() { echo $(( ($1 + BATCH * SEQ_LEN - 1) / (BATCH * SEQ_LEN) )); }   # step
 SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
 [ "${RULER:-0}" = 1 ] && EVAL+=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
-# GPU minutes of each part on one H200, from the rates measured there (README): Stage 1 ~135k tok/s, distill at
-# 8 x 4096 ~181k (GDN ~1.3x slower), scoring ~5 min, an eval of two models ~4 min; a plan, not a measurement
-declare -A ESTIMATE_MIN=([score]=22 [25]=20 [small]=16)
+# GPU minutes of each part on one H200, from the rates of the CUDA-graph steps measured there (README, session 7):
+# Stage 1 ~430k tok/s (at 32 x 512; 4096 not measured), distill at 8 x 4096 ~181k (GDN ~1.3x slower), finetune ~147k,
+# scoring ~100 s of compiling and capturing plus 212k tok/s, an eval of two models ~4 min; a plan, not a measurement
+declare -A ESTIMATE_MIN=([score]=16 [25]=16 [small]=15)
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
