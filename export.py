@@ -236,31 +236,40 @@ def write_hf_tokenizer(source, folder, max_length=None):
 
 # -------------------------------------------------------------------------------------------------------- verify
 
-@torch.no_grad()
 def sdpa_flash_attn(q, k, v, causal=True, window_size=(-1, -1)):
-    """flash_attn_func's math (q, k, v as (B, T, heads, head_dim), GQA, causal, no window) with PyTorch's SDPA."""
-    if not causal or tuple(window_size) != (-1, -1):
-        raise ValueError(f"the SDPA stand-in for flash-attn does causal attention without a window only "
-                         f"(got causal={causal}, window_size={window_size})")
+    """flash_attn_func's math (q, k, v as (B, T, heads, head_dim), GQA, causal, no window, as many queries as keys)
+    with PyTorch's SDPA."""
+    if not causal or tuple(window_size) != (-1, -1) or q.shape[1] != k.shape[1]:
+        raise ValueError(f"the SDPA stand-in for flash-attn does causal attention without a window over as many "
+                         f"queries as keys only (got causal={causal}, window_size={window_size}, "
+                         f"{q.shape[1]} queries, {k.shape[1]} keys)")
     o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                          is_causal=True, enable_gqa=True)
     return o.transpose(1, 2)
 
 
+@torch.no_grad()
 def verify(folder, model, device):
     """Max |logit difference| between the export (loaded by transformers, fla imported for fla classes) and our
-    model, both fp32 on `device`, on 2 x 48 random tokens. fla's softmax layers call flash-attn, which has no wheel
-    on PyPI; where it is missing, PyTorch's SDPA stands in for it (same math), and the log says so."""
+    model, both fp32 on `device`, on 2 x 48 random tokens. fla's softmax layers call flash-attn, which computes in
+    bf16/fp16 only (and has no wheel on PyPI): for this fp32 comparison PyTorch's SDPA, the same causal GQA attention,
+    takes its place while verify runs, and is taken out again after."""
     from transformers import AutoModelForCausalLM
+    attn = None
     if json.load(open(os.path.join(folder, "config.json")))["architectures"][0] not in HF_CLASSES.values():
-        import fla.layers.attn
+        import fla.layers.attn as attn
         import fla.models  # noqa: F401  (registers GLA / GatedDeltaNet with transformers' Auto classes)
-        if fla.layers.attn.flash_attn_func is None:
-            print("verify: flash-attn is not installed: PyTorch's SDPA stands in for it in fla's softmax layers")
-            fla.layers.attn.flash_attn_func = sdpa_flash_attn
-    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    idx = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
-    return (theirs(idx).logits.float() - model.to(device).float()(idx).float()).abs().max().item()
+        print("verify: fla's softmax layers run PyTorch's SDPA in place of flash-attn (fp32; flash-attn is bf16/fp16)")
+    saved = attn.flash_attn_func if attn else None
+    try:
+        if attn:
+            attn.flash_attn_func = sdpa_flash_attn   # read when fla builds its attention layers and when they run
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        idx = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
+        return (theirs(idx).logits.float() - model.to(device).float()(idx).float()).abs().max().item()
+    finally:
+        if attn:
+            attn.flash_attn_func = saved
 
 
 def can_verify(name, device):

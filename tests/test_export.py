@@ -113,14 +113,16 @@ def fla_on_cpu(monkeypatch):
         return M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
 
     def gdn(q, k, v, g, beta, A_log, dt_bias, use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel,
-            use_gate_in_kernel, allow_neg_eigval=False, **_):
+            use_gate_in_kernel, allow_neg_eigval=False, scale=None, initial_state=None, cu_seqlens=None, **_):
         """The gated delta rule as fla's GatedDeltaNet layer calls its kernel (q/k l2norm, sigmoid beta and the decay
         gate inside), through fla's own PyTorch references: naive_gdn_gate and naive_recurrent_gated_delta_rule."""
         from fla.ops.gated_delta_rule.gate import naive_gdn_gate
         from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
         assert use_qk_l2norm_in_kernel and use_beta_sigmoid_in_kernel and use_gate_in_kernel and not allow_neg_eigval
+        assert initial_state is None and cu_seqlens is None   # no cache, no packed sequences in these tests
         q, k = (x.float() * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
-        o, _ = naive_recurrent_gated_delta_rule(q, k, v, beta.float().sigmoid(), naive_gdn_gate(g, A_log, dt_bias))
+        o, _ = naive_recurrent_gated_delta_rule(q, k, v, beta.float().sigmoid(), naive_gdn_gate(g, A_log, dt_bias),
+                                                scale=scale)
         return o.to(v.dtype), None
 
     monkeypatch.setattr(fla_gla, "chunk_gla", gla)
@@ -226,6 +228,17 @@ def test_refusals(tiny_teacher, tmp_path, fla_on_cpu):
     assert export.target(dict(mc, qk_norm=True, mixers=["gla"] * 4)) == "GLAForCausalLM"
 
 
+def test_verify_runs_fla_with_sdpa_and_puts_flash_attn_back(fla_on_cpu, tiny_teacher, tmp_path, monkeypatch):
+    """export.verify on a machine without flash-attn (fla's Triton pieces as PyTorch here, so it runs on the CPU): the
+    SDPA stand-in serves fla's softmax layers while it runs, and fla's module is as it was after."""
+    import fla.layers.attn as fla_attn
+    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (1, 2))
+    export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="off"))
+    monkeypatch.setattr(fla_attn, "flash_attn_func", None)
+    assert export.verify(str(tmp_path / "hf"), M.load_checkpoint(ckpt)[0].eval(), "cpu") < 1e-4
+    assert fla_attn.flash_attn_func is None
+
+
 def test_sdpa_stand_in_is_causal_gqa_attention():
     """The stand-in verify uses for flash-attn in fla's softmax layers equals causal GQA attention written out, and
     refuses what it does not implement (a sliding window)."""
@@ -238,26 +251,24 @@ def test_sdpa_stand_in_is_causal_gqa_attention():
     assert (export.sdpa_flash_attn(q, k, v) - ref).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="window"):
         export.sdpa_flash_attn(q, k, v, window_size=(3, 0))
+    with pytest.raises(ValueError, match="1 queries, 7 keys"):     # decoding from a cache: not this stand-in's case
+        export.sdpa_flash_attn(q[:, -1:], k, v)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need CUDA")
-def test_gla_export_matches_on_cuda(tiny_teacher, tmp_path, monkeypatch):
+def test_gla_export_matches_on_cuda(tiny_teacher, tmp_path):
     """The export run by fla's own kernels (chunk GLA, fused norms, SwiGLU, RoPE) on CUDA against our model on
-    CUDA, both fp32 (where flash-attn is missing, verify puts PyTorch's SDPA in its place)."""
+    CUDA, both fp32 (verify puts PyTorch's SDPA in flash-attn's place: flash-attn has no fp32)."""
     pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is missing")
-    import fla.layers.attn as fla_attn
-    monkeypatch.setattr(fla_attn, "flash_attn_func", fla_attn.flash_attn_func)  # restored after verify's stand-in
     ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (1, 2))
     out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="on"))
     assert out["max_abs_logit_diff"] < 2e-3, out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need CUDA")
-def test_gdn_export_matches_on_cuda(tiny_teacher, tmp_path, monkeypatch):
+def test_gdn_export_matches_on_cuda(tiny_teacher, tmp_path):
     """The GDN export run by fla's chunked gated-delta-rule kernel on CUDA against our model on CUDA, both fp32."""
     pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is missing")
-    import fla.layers.attn as fla_attn
-    monkeypatch.setattr(fla_attn, "flash_attn_func", fla_attn.flash_attn_func)  # restored after verify's stand-in
     ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (0, 2, 3), mixer="gdn")
     out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="on"))
     assert out["target"] == "GatedDeltaNetForCausalLM" and out["max_abs_logit_diff"] < 2e-3, out
