@@ -161,7 +161,7 @@ def profile_distill(cfg, transfer, teacher_src, B, T, device):
     import distill
     from model import load_checkpoint
     from torch.profiler import ProfilerActivity, profile
-    teacher32, _, teacher = distill.load_teachers(teacher_src, device)
+    teacher32, _, teacher = distill.load_teachers(teacher_src, device, distill.Config(compile="auto"))
     student = load_checkpoint(transfer)[0]
     L = student.config.num_hidden_layers
     distill.make_hybrid(student, teacher32, [int(x) for x in LAYERS.split(",") if int(x) < L])

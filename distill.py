@@ -83,7 +83,7 @@ class Config:
     snapshots: str = ""           # token counts (e.g. 5000000,20000000) at which a copy of the model is kept in
                                   # <out>/tokens_<n>/ckpt.pt: quality against distill tokens from one run
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings), or say it is finished
-    compile: str = "auto"         # torch.compile the student's blocks: auto (on the GPU) | true | false
+    compile: str = "auto"         # torch.compile the blocks of student and teacher: auto (on the GPU) | true | false
     graph: str = "auto"           # one CUDA graph per step: auto (GPU, not FSDP2) | true (or an error) | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP (students that do not fit one GPU)
     device: str = ""              # "" = cuda if available else cpu
@@ -147,14 +147,17 @@ def skip_nonfinite(opt, loss, norm):
     opt.zero_grad(set_to_none=True)
 
 
-def load_teachers(source, device):
+def load_teachers(source, device, cfg):
     """(fp32 teacher on the CPU, whose weights make_hybrid restores; its fingerprint; the frozen teacher that runs:
-    the same model on the CPU, a bf16 copy on the GPU, forward only)."""
+    the same model on the CPU, a bf16 copy on the GPU, forward only, its blocks compiled as the student's are
+    (cfg.compile): eager, its norms, RoPE, SwiGLU and residual adds run as hundreds of small kernels per step)."""
     teacher32 = from_pretrained(source).eval().requires_grad_(False)
     fp = fingerprint(teacher32)
-    if not str(device).startswith("cuda"):
-        return teacher32, fp, teacher32
-    return teacher32, fp, copy.deepcopy(teacher32).to(device=device, dtype=torch.bfloat16)
+    if not str(device).startswith("cuda"):       # the same model (a copy where it compiles: --compile=true)
+        teacher = copy.deepcopy(teacher32) if cfg.compile == "true" else teacher32
+    else:
+        teacher = copy.deepcopy(teacher32).to(device=device, dtype=torch.bfloat16)
+    return teacher32, fp, compile_blocks(teacher, cfg, device)
 
 
 def open_data(cfg, run_dir):
@@ -301,7 +304,7 @@ def main(cfg):
     if state == "finished":
         print(f"final | {ckpt_path} is complete with these settings: nothing to do")
         return M.checkpoint_info(ckpt_path)["metrics"]
-    teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device, cfg)
     check_shapes(M.ModelConfig(**parent["model_config"]), teacher.config, cfg.teacher)
     check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
     if state:

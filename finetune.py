@@ -62,7 +62,7 @@ class Config:
     log_every: int = 10           # print and log every N steps
     save_every: int = 500         # mid-run checkpoint every N steps (0 = only at the end)
     resume: bool = False          # continue the mid-run checkpoint in <out> (same settings)
-    compile: str = "auto"         # torch.compile the blocks: auto (on the GPU) | true | false
+    compile: str = "auto"         # torch.compile the blocks of model and teacher: auto (on the GPU) | true | false
     graph: str = "auto"           # replay each step as one CUDA graph: auto (on a GPU, one process or DDP; not
                                   # FSDP2) | true (the same, or an error) | false
     shard: bool = False           # under torchrun: FSDP2 instead of DDP
@@ -149,7 +149,7 @@ def main(cfg):
     if state == "finished":
         print(f"final | {ckpt_path} is complete with these settings: nothing to do")
         return M.checkpoint_info(ckpt_path)["metrics"]
-    _, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    _, teacher_fp, teacher = load_teachers(cfg.teacher, device, cfg)
     check_shapes(M.ModelConfig(**parent["model_config"]), teacher.config, cfg.teacher)
     check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
     model, _ = M.load_checkpoint(ckpt_path if state else cfg.input, device=device)

@@ -72,7 +72,7 @@ class Config:
     clip: float = 1.0             # gradient-norm clip
     chunk: int = 4096             # rows per KL chunk
     max_probes: int = 0           # probes trained together per process (0 = as many as memory holds)
-    compile: str = "auto"         # torch.compile the probes' blocks (compiled once for all): auto (GPU) | true | false
+    compile: str = "auto"         # torch.compile the blocks (probes: once for all; teacher): auto (GPU) | true | false
     offload: str = "auto"         # park probes in CPU memory between turns: auto | true | false
     graph: str = "auto"           # replay each probe's step as a CUDA graph (probes that stay on the GPU; one memory
                                   # pool for all): auto (GPU) | true | false
@@ -217,7 +217,7 @@ def main(cfg):
     mine = todo[d.rank::d.world]                     # this rank's layers
     print(f"scoring {len(todo)} layers, skipping {len(skipped)} finished ones {skipped}; top-K sets watched: "
           f"K = {Ks} of {L}" + (f"; {d.world} processes, {len(mine)} layers each at most" if d.world > 1 else ""))
-    teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device)
+    teacher32, teacher_fp, teacher = load_teachers(cfg.teacher, device, cfg)
     check_shapes(base.config, teacher.config, cfg.teacher)
     check_teacher(teacher_fp, parent, cfg.teacher, cfg.other_teacher)
     t_head = teacher.lm_head.weight

@@ -85,6 +85,20 @@ def test_make_hybrid_restores_the_teachers_attention_and_norm(aligned):
         torch.testing.assert_close(student(idx), teacher(idx), rtol=1e-5, atol=1e-5)
 
 
+def test_the_teacher_runs_compiled_as_the_student(aligned):
+    """--compile compiles the running teacher's blocks too (by default on the GPU; here --compile=true, inductor on
+    the CPU): the same hidden states as the eager teacher, while the fp32 teacher that make_hybrid reads stays as it
+    was; without --compile=true the CPU runs that fp32 teacher itself."""
+    teacher32, _, teacher = distill.load_teachers(aligned.teacher, "cpu", distill.Config(compile="true"))
+    assert teacher is not teacher32 and all(b._compiled_call_impl is not None for b in teacher.model.layers)
+    assert all(b._compiled_call_impl is None for b in teacher32.model.layers)
+    idx = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref, out = distill.teacher_hidden(teacher32, idx, "cpu"), distill.teacher_hidden(teacher, idx, "cpu")
+    assert (out - ref).abs().max().item() < 1e-5
+    t32, _, t = distill.load_teachers(aligned.teacher, "cpu", distill.Config())
+    assert t is t32
+
+
 def test_optimizer_groups_follow_radlads(aligned):
     """Mixers and pre-attention norms at lr_mixer, every other parameter at lr_other; AdamW(0.9, 0.95)."""
     student, _ = M.load_checkpoint(aligned.align_ckpt)
