@@ -146,27 +146,16 @@ def load_fla(folder):
     return model.eval()
 
 
-@pytest.mark.parametrize("gla_layers", [(1, 2), (0, 1, 2, 3)])
-def test_gla_hybrid_loads_and_matches_in_fla(fla_on_cpu, tiny_teacher, tmp_path, gla_layers):
-    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), gla_layers)
+@pytest.mark.parametrize("mixer,layers", [("gla", (1, 2)), ("gla", (0, 1, 2, 3)), ("gdn", (0, 2, 3))])
+def test_hybrid_loads_and_matches_in_fla(fla_on_cpu, tiny_teacher, tmp_path, mixer, layers):
+    """A GLA or GDN student of model.py exports to fla's class, and that model (its kernels as PyTorch: GLA through
+    our recurrence, the gated delta rule through fla's own references) gives our logits: names, head layout, gates,
+    norms and the attn dict agree."""
+    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), layers, mixer=mixer)
     out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="off"))
-    assert out["target"] == "GLAForCausalLM"
+    assert out["target"] == export.FLA_CLASSES[mixer][0]
     config = json.load(open(tmp_path / "hf" / "config.json"))
-    attn = [i for i in range(4) if i not in gla_layers]
-    assert (config["attn"] or {}).get("layers", []) == attn
-    theirs, ours = load_fla(str(tmp_path / "hf")), M.load_checkpoint(ckpt)[0].eval()
-    idx = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (theirs(idx).logits - ours(idx)).abs().max().item() < 1e-4
-
-
-def test_gdn_hybrid_loads_and_matches_in_fla(fla_on_cpu, tiny_teacher, tmp_path):
-    """A GDN student of model.py exports to fla's GatedDeltaNetForCausalLM, and that model (its gated delta rule run
-    by fla's own PyTorch references) gives our logits: names, head layout, gates, norms and the attn dict agree."""
-    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (0, 2, 3), mixer="gdn")
-    out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="off"))
-    assert out["target"] == "GatedDeltaNetForCausalLM"
-    assert json.load(open(tmp_path / "hf" / "config.json"))["attn"]["layers"] == [1]
+    assert (config["attn"] or {}).get("layers", []) == [i for i in range(4) if i not in layers]
     theirs, ours = load_fla(str(tmp_path / "hf")), M.load_checkpoint(ckpt)[0].eval()
     idx = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -256,22 +245,15 @@ def test_sdpa_stand_in_is_causal_gqa_attention():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need CUDA")
-def test_gla_export_matches_on_cuda(tiny_teacher, tmp_path):
-    """The export run by fla's own kernels (chunk GLA, fused norms, SwiGLU, RoPE) on CUDA against our model on
-    CUDA, both fp32 (verify puts PyTorch's SDPA in flash-attn's place: flash-attn has no fp32)."""
+@pytest.mark.parametrize("mixer,layers", [("gla", (1, 2)), ("gdn", (0, 2, 3))])
+def test_export_matches_on_cuda(tiny_teacher, tmp_path, mixer, layers):
+    """The export run by fla's own kernels (chunk GLA or the chunked gated delta rule, fused norms, SwiGLU, RoPE) on
+    CUDA against our model on CUDA, both fp32 (verify puts PyTorch's SDPA in flash-attn's place: flash-attn has no
+    fp32)."""
     pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is missing")
-    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (1, 2))
+    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), layers, mixer=mixer)
     out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="on"))
-    assert out["max_abs_logit_diff"] < 2e-3, out
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need CUDA")
-def test_gdn_export_matches_on_cuda(tiny_teacher, tmp_path):
-    """The GDN export run by fla's chunked gated-delta-rule kernel on CUDA against our model on CUDA, both fp32."""
-    pytest.importorskip("fla.models", reason="flash-linear-attention (fla.models) is missing")
-    ckpt = hybrid_checkpoint(tiny_teacher, str(tmp_path / "distill" / "ckpt.pt"), (0, 2, 3), mixer="gdn")
-    out = export.main(export.Config(input=ckpt, out=str(tmp_path / "hf"), verify="on"))
-    assert out["target"] == "GatedDeltaNetForCausalLM" and out["max_abs_logit_diff"] < 2e-3, out
+    assert out["target"] == export.FLA_CLASSES[mixer][0] and out["max_abs_logit_diff"] < 2e-3, out
 
 
 # -------------------------------------------------------------------------------------------------- tokenizer
