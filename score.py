@@ -14,13 +14,13 @@ layers with the lowest scores; smaller budgets are prefixes of the same ranking.
 Each round computes the teacher's hidden states once per batch and steps every probe on them (one teacher forward
 for L probes). Probes train together as many as memory holds (on the GPU; those that do not fit there wait in CPU
 memory between their turns); on the GPU each probe that stays there replays its step as a CUDA graph
-(common.cuda_graph, --graph; one memory pool shared by all of them, since they run one after another), as distill.py
-does, while a parked probe moves and so keeps the eager step. More layers than fit run in groups, later groups
-ranking against the stored curves of earlier ones, cut to the same step. Under torchrun the layers are split across
-the ranks (no gradient traffic: the probes are independent), the curves gathered after every round so that every
-rank takes the same early-stop decision, and rank 0 writes the file. scores.json is rewritten (atomically) after
-every round; a finished layer (all steps, or early-stopped) is never recomputed when the same settings and the same
-Stage-1 weights run again; an unfinished one restarts.
+(common.cuda_graph, --graph; one memory pool shared by the group's probes, since they run one after another), as
+distill.py does, while a parked probe moves and so keeps the eager step. More layers than fit run in groups, later
+groups ranking against the stored curves of earlier ones, cut to the same step. Under torchrun the layers are split
+across the ranks (no gradient traffic: the probes are independent), the curves gathered after every round so that
+every rank takes the same early-stop decision, and rank 0 writes the file. scores.json is rewritten (atomically)
+after every round; a finished layer (all steps, or early-stopped) is never recomputed when the same settings and the
+same Stage-1 weights run again; an unfinished one restarts.
 
 Reads  out/<run>/align/ckpt.pt, the teacher and token files named in its config.
 Writes out/<run>/score/scores.json: per layer {score, curve, steps, tokens, early_stopped, stopped_at, finished},
@@ -255,9 +255,12 @@ def main(cfg):
                                cfg.chunk)
         return step
 
-    pool = torch.cuda.graph_pool_handle() if graphs else None   # one pool for every probe of every group
     for g in range(n_groups):
         group = mine[g * group_size:(g + 1) * group_size]
+        # one memory pool for the group's graphs, new for each group: the allocator forgets a pool once every graph
+        # recorded into it is gone (the last group's are), and recording into a forgotten one fails (an internal
+        # assert in PyTorch's CUDACachingAllocator: use_count > 0)
+        pool = torch.cuda.graph_pool_handle() if graphs else None
         probes, home, steps = {}, {}, {}
         for i, l in enumerate(group):
             home[l] = device if i < resident else "cpu"

@@ -138,7 +138,8 @@ def test_graph_flag_is_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 def test_graphed_probes_score_as_eager_ones(aligned, tmp_path, monkeypatch):
     """Each resident probe's step replayed as a CUDA graph (3 eager steps, then the capture; one memory pool for
-    all probes) gives the eager probes' curves; a probe parked in CPU memory between turns keeps the eager step."""
+    the probes of a group) gives the eager probes' curves, in one group or in three; a probe parked in CPU memory
+    between turns keeps the eager step."""
     replays = []
     real = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), real(g))[1])
@@ -151,6 +152,15 @@ def test_graphed_probes_score_as_eager_ones(aligned, tmp_path, monkeypatch):
     assert len(replays) == 3 * (8 - 3)
     for l in curves["false"]:
         assert curves["true"][l] == pytest.approx(curves["false"][l], rel=1e-3), l
+    # one probe per group, three groups: each group records into a pool of its own (session 8's Qwen score failed
+    # at the second group's first capture when the first group's pool was reused)
+    replays.clear()
+    run_score(aligned, tmp_path / "groups", layers="0,1,2", steps=8, eval_every=4, micro_batch=1, device="cuda",
+              graph="true", offload="false", max_probes=1)
+    assert len(replays) == 3 * (8 - 3)
+    layers = scores_of(tmp_path / "groups", "s")["layers"]
+    for l in curves["false"]:
+        assert layers[l]["curve"] == pytest.approx(curves["false"][l], rel=1e-3), l
     replays.clear()
     run_score(aligned, tmp_path / "parked", layers="0,1,2", steps=8, eval_every=4, device="cuda", offload="true")
     assert not replays                               # every probe parked: none is graphed
