@@ -335,6 +335,9 @@ def cuda_graph(step, warmup=None, pool=None):
             try:
                 with torch.cuda.graph(graph, pool=pool):
                     out = step(*ins)  # recorded, not run: the replay below runs it
+            except torch.OutOfMemoryError:
+                graph = None
+                raise                 # the caller's to explain (a smaller batch), not the graph's
             except RuntimeError as e:
                 graph = None
                 raise RuntimeError(f"recording the training step as a CUDA graph failed ({e}); run the stage again "

@@ -164,3 +164,16 @@ def test_graphed_probes_score_as_eager_ones(aligned, tmp_path, monkeypatch):
     replays.clear()
     run_score(aligned, tmp_path / "parked", layers="0,1,2", steps=8, eval_every=4, device="cuda", offload="true")
     assert not replays                               # every probe parked: none is graphed
+
+
+def test_out_of_memory_in_a_probe_says_what_to_change(aligned, tmp_path, monkeypatch):
+    """A probe step out of memory (on a GPU: another process took what the plan counted on) stops with the flags
+    that fit it, not PyTorch's bare error; the layers finished before stay in scores.json."""
+    run_score(aligned, tmp_path, layers="0")
+
+    def oom(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 520.00 MiB.")
+    monkeypatch.setattr(score, "stage2_step", oom)
+    with pytest.raises(RuntimeError, match=r"out of memory in the layer-1 probe's step.*--max_probes=1"):
+        run_score(aligned, tmp_path, layers="1")
+    assert list(scores_of(tmp_path, "s")["layers"]) == ["0"]
