@@ -296,11 +296,12 @@ def main(cfg):
                         kls.append(run(*(x for pair in batch for x in pair)))
                     except torch.OutOfMemoryError as e:
                         raise RuntimeError(
-                            f"out of memory in the layer-{l} probe's step, with {resident} of this group's {len(group)} "
-                            f"probes kept on {device}: the groups are sized from the memory free when score.py starts, "
-                            "so another process on the same GPU (a second run, an eval) can take what they counted on. "
-                            f"Run again with fewer probes at a time, e.g. --max_probes={max(1, resident // 2)}, or "
-                            "--offload=true; finished layers stay in scores.json") from e
+                            f"out of memory in the layer-{l} probe's step, with {resident} of this group's "
+                            f"{len(group)} probes kept on {device}: the groups are sized from the memory free when "
+                            "score.py starts, so another process on the same GPU (a second run, an eval) can take what "
+                            "they counted on. Run again with fewer probes at a time, e.g. "
+                            f"--max_probes={max(1, resident // 2)}, or --offload=true; finished layers stay in "
+                            "scores.json") from e
                 curves[l] += [float(k) for k in torch.stack(kls)]   # one wait for the GPU per probe and round
                 check_finite(sum(curves[l][-n:]), f"{step + n} of the layer-{l} probe", None,
                              "a smaller --lr_mixer / --lr_other (layers already finished stay in scores.json)")
