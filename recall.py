@@ -152,20 +152,33 @@ def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
     for i in range(n):
         depth = float(depths[i % len(depths)])
         build = _task(task, tok, rng, depth, length, haystack)
-        best, tried = None, set()  # best: (tokens, message, prefix, answers) of the longest prompt that fits
-        while m not in tried and len(tried) < 12:
-            tried.add(m)
+        best, tried = None, {}  # best: (tokens, message, prefix, answers, m) of the longest prompt that fits
+
+        def attempt(m):
+            nonlocal best
             message, prefix, answers = build(m)
-            t = len(tok.encode(wrap(message) + prefix))
+            tried[m] = t = len(tok.encode(wrap(message) + prefix))
             if t <= length and (best is None or t > best[0]):
-                best = (t, message, prefix, answers)
+                best = (t, message, prefix, answers, m)
+            return t
+
+        while m not in tried and len(tried) < 12:
+            t = attempt(m)
             if t == length:
                 break
             m = max(m + length - t, 0)
         if best is None:
+            # Every step overshot: the prompt grows in steps of many tokens (mqar's whole lines), so the -1 steps above
+            # stay on one step. Bisect for the largest m that fits instead.
+            lo, hi = -1, min(k for k, v in tried.items() if v > length)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if attempt(mid) <= length else (lo, mid)
+            m = max(lo, 0)
+        if best is None:
             raise ValueError(f"{task}: {length} tokens is too short for its instructions and needles "
-                             f"({t} tokens with a haystack of {m}); use a longer length")
-        t, message, prefix, answers = best
+                             f"({tried[min(tried)]} tokens with a haystack of {min(tried)}); use a longer length")
+        t, message, prefix, answers, _ = best
         prompt = wrap(message) + prefix
         if t < length:
             # A few tokens short (a needle moved a sentence boundary): " ." filler tokens before the question (the

@@ -89,6 +89,15 @@ def test_prompts_length_answers_depth(tok, task):
         assert all(p["n_tokens"] == 1000 for p in recall.make_prompts(task, ByteTok(), 1000, n=5))
 
 
+def test_mqar_fits_when_whole_lines_overshoot():
+    """mqar's context grows by whole key: value lines, so a prompt can overshoot its length by one token at every
+    haystack size the -1 steps try (the study's 4096-token eval with SmolLM2's tokenizer did, at prompt 50);
+    make_prompts must then bisect down to the longest prompt that fits, not give up."""
+    for length in (552, 848):   # lengths where ByteTok's line steps hit exactly that
+        prompts = recall.make_prompts("mqar", ByteTok(), length, n=20, seed=0)
+        assert all(length * 0.95 - 16 <= p["n_tokens"] <= length for p in prompts), length
+
+
 def test_needle_depth_and_chat_format(tok):
     prompts = recall.make_prompts("niah_single", tok, 512, n=5)
     where = [p["prompt"].index(p["answers"][0]) for p in prompts]
