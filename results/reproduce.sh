@@ -6,18 +6,22 @@
 # It takes hours of GPU time, more than one lease of a machine, so it runs in parts. A part starts from the teacher
 # and redoes what it needs (data, Stage 0 and Stage 1 with the same seed and tokens: the same student), then leaves
 # its small files under results/study/<part>/ (scores, selections, eval.json, the stages' logs, its time), which are
-# committed. Checkpoints stay on the machine. `status` says which parts are done; `next` runs the others.
+# committed. Checkpoints stay on the machine, one Stage 1 per student (out/study_<student>): a later part of the
+# same student on the same machine starts from it, and `next` prefers such parts. `status` says which parts are
+# done; `next` runs the others.
 #
 #   bash results/reproduce.sh status          # every part, done or not, and its time (measured, or the estimate)
-#   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs)
+#   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs), of
+#                                             # different students (one Stage 1 each)
 #   bash results/reproduce.sh part NAME       # one part by name (see `status`)
 #   python results/report.py                  # the table, retention, curves and score plots from results/study/
 #
-# Parts (each fits one lease of a GPU): score_<student> (Stage 1, every layer scored, and the all-linear bound), then
+# Parts (each fits one lease of a GPU), in the order `next` runs them: score_<student> (Stage 1, every layer scored);
 # for method kl (needs score_<student>), uniform and ga_s1: <student>_<method>_25 (Stage 1 again, the 25% hybrid
-# with DISTILL_TOKENS and snapshots at 5M and 20M tokens for the curve of recall against tokens) and
-# <student>_<method>_small (Stage 1 again, the 12.5% and 50% hybrids with SMALL_TOKENS); every hybrid finetuned and
-# evaluated beside the teacher. Same seed, data and steps for every method.
+# with DISTILL_TOKENS and snapshots at 5M and 20M tokens for the curve of recall against tokens); <student>_linear
+# (Stage 1 again, the all-linear bound with DISTILL_TOKENS); <student>_<method>_small (Stage 1 again, the 12.5% and
+# 50% hybrids with SMALL_TOKENS). Every hybrid is finetuned and evaluated beside the teacher. Same seed, data and
+# steps for every method.
 #
 # Sizes (environment): ALIGN_TOKENS, DISTILL_TOKENS, SMALL_TOKENS, FINETUNE_TOKENS, SEQ_LEN, BATCH, PROMPTS (recall
 # prompts per task and length: 100 keeps a cell's standard error under 0.05), RULER=1 (lm-eval's offline RULER
@@ -46,16 +50,19 @@ steps() { echo $(( ($1 + BATCH * SEQ_LEN - 1) / (BATCH * SEQ_LEN) )); }   # step
 SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
 [ "${RULER:-0}" = 1 ] && EVAL+=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
-# GPU minutes of each part on one H200, from the rates of the CUDA-graph steps measured there (README, session 7):
-# Stage 1 ~430k tok/s (at 32 x 512; 4096 not measured), distill at 8 x 4096 ~181k (GDN ~1.3x slower), finetune ~147k,
-# scoring ~100 s of compiling and capturing plus 212k tok/s, an eval of two models ~4 min; a plan, not a measurement
-declare -A ESTIMATE_MIN=([score]=16 [25]=16 [small]=15)
+# GPU minutes of each part on one H200, from session 9's run of score_gla there (data 13 s, transfer 17 s, Stage 1
+# 304 s, scoring 420 s; the all-linear student's distill 515 s, finetune 93 s; an eval of two models at 1K and 2K
+# 67 s): measured for score and linear, estimated for the hybrids
+declare -A ESTIMATE_MIN=([score]=13 [25]=16 [linear]=17 [small]=15)
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
-  for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_25"; echo "${s}_${m}_small"; done; done
+  for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_25"; done; done
+  for s in "${STUDENTS[@]}"; do echo "${s}_linear"; done
+  for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_small"; done; done
 }
 done_part() { [ -f "$RES/$1/done" ]; }
+student_of() { case $1 in score_*) echo "${1#score_}" ;; *) echo "${1%%_*}" ;; esac; }
 
 # st NAME CMD...: one stage of a part, its whole output in $RES/$PART/logs/NAME.log, its time in times.txt
 st() {
@@ -68,9 +75,10 @@ st() {
   return $rc
 }
 
-stage1() {  # data, Stage 0 and Stage 1 of student $1 in run $RUN (skipped where already there)
+stage1() {  # data, Stage 0 and Stage 1 of student $1 in run $RUN (each skipped where a part before made it)
   st data $PY data.py --run_name="$RUN" --out_dir="$OUT_DIR" --teacher="$TEACHER" --data="${DATA_SRC:-auto}" "${DATA[@]}" &&
-  st transfer $PY transfer.py --run_name="$RUN" --out_dir="$OUT_DIR" --teacher="$TEACHER" --mixer="$1" &&
+  { [ -f "$OUT_DIR/$RUN/transfer/ckpt.pt" ] ||   # written atomically: there = complete
+    st transfer $PY transfer.py --run_name="$RUN" --out_dir="$OUT_DIR" --teacher="$TEACHER" --mixer="$1"; } &&
   st align $PY align.py --run_name="$RUN" --out_dir="$OUT_DIR" --resume=true --steps="$(steps "$ALIGN_TOKENS")" \
     "${SHAPE[@]}" --save_every=200
 }
@@ -104,18 +112,20 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
 }
 
 part() {
-  PART=$1; RUN="study_$1"; local t0=$SECONDS student=${1#score_} method="" size="" rest
+  PART=$1; local t0=$SECONDS student method="" size="" rest
   case " $(parts | tr '\n' ' ') " in *" $1 "*) ;; *) echo "unknown part '$1': $(parts | tr '\n' ' ')" >&2; return 2 ;; esac
-  if [ "${1#score_}" = "$1" ]; then student=${1%%_*}; rest=${1#*_}; method=${rest%_*}; size=${rest##*_}; fi
+  student=$(student_of "$1"); RUN="study_$student"
+  if [ "${1#score_}" = "$1" ]; then rest=${1#*_}; method=${rest%_*}; size=${rest##*_}; fi
   if [ "$method" = kl ] && ! done_part "score_$student"; then
     echo "$1 needs the scores of part score_$student: run that part first" >&2; return 2
   fi
   rm -f "$RES/$PART/times.txt"; mkdir -p "$RES/$PART"
   stage1 "$student" || return 1
   local src=""; [ "$method" = kl ] && src="--scores=$RES/score_$student/scores.json"
-  if [ -z "$method" ]; then   # every layer scored, and the all-linear bound
+  if [ -z "$method" ]; then   # every layer scored
     st score $PY score.py --run_name="$RUN" --out_dir="$OUT_DIR" --budget=0.125,0.25,0.5 "${SCORE[@]}" &&
-    cp "$OUT_DIR/$RUN/score/scores.json" "$RES/$PART/" &&
+    cp "$OUT_DIR/$RUN/score/scores.json" "$RES/$PART/" || return 1
+  elif [ "$method" = linear ]; then   # the all-linear bound
     hybrid linear none "$DISTILL_TOKENS" || return 1
   elif [ "$size" = 25 ]; then
     hybrid "${method}_25" "--method=$method --budget=0.25 $src" "$DISTILL_TOKENS" "$SNAPSHOTS" || return 1
@@ -134,12 +144,18 @@ case "${1:-status}" in
       else echo "  pending  $p  (~${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}} GPU-min on one H200, estimated)"; fi
     done ;;
   next)
-    n=${2:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}; i=0; pids=()
+    n=${2:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}; i=0; pids=(); taken=" "
+    ready=(); pending=()   # parts that can start; those whose student's Stage 1 is on this machine first
     for p in $(parts); do
       done_part "$p" && continue
-      case "$p" in *_kl_*) done_part "score_${p%%_*}" || continue ;; esac
+      case "$p" in *_kl_*) done_part "score_$(student_of "$p")" || continue ;; esac
+      if [ -f "$OUT_DIR/study_$(student_of "$p")/align/ckpt.pt" ]; then ready+=("$p"); else pending+=("$p"); fi
+    done
+    for p in "${ready[@]}" "${pending[@]}"; do
+      s=$(student_of "$p")
+      case "$taken" in *" $s "*) continue ;; esac   # two parts of one student at once would share its Stage 1
       [ $i -ge "$n" ] && break
-      CUDA_VISIBLE_DEVICES=$i part "$p" & pids+=($!); i=$((i + 1))
+      CUDA_VISIBLE_DEVICES=$i part "$p" & pids+=($!); i=$((i + 1)); taken="$taken$s "
     done
     [ $i = 0 ] && echo "no part can run now: see status"
     rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done; exit $rc ;;

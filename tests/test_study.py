@@ -1,6 +1,7 @@
 """results/reproduce.sh, the study at scale, in its CPU preset on the tiny teacher: parts run in order (a kl part
-refuses to start before its student's scores exist), leave their files under RES, say they are done, take the
-selection from the committed scores, and results/report.py builds the table and the curve from those files."""
+refuses to start before its student's scores exist; `next` prefers a part whose student's Stage 1 is already there,
+and that part reuses it), leave their files under RES, say they are done, take the selection from the committed
+scores, and results/report.py builds the table and the curve from those files."""
 
 import json
 import os
@@ -21,9 +22,16 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
 
     r = study("part", "gla_kl_25")
     assert r.returncode == 2 and "needs the scores of part score_gla" in r.stderr
-    for part in ("score_gla", "gla_kl_25"):
-        r = study("part", part)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = study("part", "score_gla")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # next: score_gdn comes first in the list, but a part of gla starts from the Stage 1 already on this machine
+    r = study("next", "1")
+    assert r.returncode == 0 and "gla_kl_25 done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (res / "score_gdn").exists()
+    stages = [line.split()[0] for line in open(res / "gla_kl_25" / "times.txt")]
+    assert "transfer" not in stages and "nothing to do" in open(res / "gla_kl_25" / "logs" / "align.log").read()
+    r = study("part", "gla_linear")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     status = study("status").stdout
     assert "done     score_gla" in status and "done     gla_kl_25" in status and "pending  gdn_kl_25" in status
     scores = json.load(open(res / "score_gla" / "scores.json"))["scores"]
