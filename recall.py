@@ -180,13 +180,20 @@ def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
                              f"({tried[min(tried)]} tokens with a haystack of {min(tried)}); use a longer length")
         t, message, prefix, answers, _ = best
         prompt = wrap(message) + prefix
-        if t < length:
-            # A few tokens short (a needle moved a sentence boundary): " ." filler tokens before the question (the
+        k = length - t
+        for _ in range(3 if t < length else 0):
+            # A few tokens short (a needle moved a sentence boundary): k " ." filler tokens before the question (the
             # message's last line) make the prompt exactly `length`, so prompts of one length share a generate call.
+            # A tokenizer may merge the last one with the newline (Qwen2's " .\n"): then one more.
             head, question = message.rsplit("\n", 1)
-            padded = wrap(head + " ." * (length - t) + "\n" + question) + prefix
-            if len(tok.encode(padded)) == length:
+            padded = wrap(head + " ." * k + "\n" + question) + prefix
+            n = len(tok.encode(padded))
+            if n == length:
                 prompt, t = padded, length
+                break
+            k += length - n
+            if k <= 0:
+                break
         prompts.append(dict(prompt=prompt, answers=answers, depth=depth, n_tokens=t))
     _PROMPTS[args] = (tok, prompts)
     return prompts

@@ -98,6 +98,18 @@ def test_mqar_fits_when_whole_lines_overshoot():
         assert all(length * 0.95 - 16 <= p["n_tokens"] <= length for p in prompts), length
 
 
+class MergeTok(ByteTok):
+    """ByteTok, but " ." is one token and " .\n" too, as in Qwen2's BPE: the filler before the question loses one."""
+    encode = staticmethod(lambda s: list(s.replace(" .\n", "\x01").replace(" .", "\x02").encode()))
+
+
+def test_filler_makes_prompts_exact_when_the_tokenizer_merges_it():
+    for length in (552, 848, 1000):
+        prompts = recall.make_prompts("mqar", MergeTok(), length, n=20, seed=0)
+        assert [p["n_tokens"] for p in prompts] == [length] * 20, length
+        assert all(len(MergeTok.encode(p["prompt"])) == length for p in prompts)
+
+
 def test_needle_depth_and_chat_format(tok):
     prompts = recall.make_prompts("niah_single", tok, 512, n=5)
     where = [p["prompt"].index(p["answers"][0]) for p in prompts]
