@@ -62,6 +62,7 @@ parts() {
   for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_small"; done; done
 }
 done_part() { [ -f "$RES/$1/done" ]; }
+known() { case " $(parts | tr '\n' ' ') " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 student_of() { case $1 in score_*) echo "${1#score_}" ;; *) echo "${1%%_*}" ;; esac; }
 
 # st NAME CMD...: one stage of a part, its whole output in $RES/$PART/logs/NAME.log, its time in times.txt
@@ -113,7 +114,7 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
 
 part() {
   PART=$1; local t0=$SECONDS student method="" size="" rest
-  case " $(parts | tr '\n' ' ') " in *" $1 "*) ;; *) echo "unknown part '$1': $(parts | tr '\n' ' ')" >&2; return 2 ;; esac
+  known "$1" || { echo "unknown part '$1': $(parts | tr '\n' ' ')" >&2; return 2; }
   student=$(student_of "$1"); RUN="study_$student"
   if [ "${1#score_}" = "$1" ]; then rest=${1#*_}; method=${rest%_*}; size=${rest##*_}; fi
   if [ "$method" = kl ] && ! done_part "score_$student"; then
@@ -137,6 +138,19 @@ part() {
   echo "$PART done: $(cat "$RES/$PART/done")"
 }
 
+logged_part() {  # part $1, with the GPU's clocks, power, temperature and use every 15 s in $RES/$1/gpu.csv: a part
+  # that ran slower than another says whether its GPU did
+  local pid="" rc
+  if command -v nvidia-smi > /dev/null && known "$1"; then
+    mkdir -p "$RES/$1"
+    nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
+      > "$RES/$1/gpu.csv" 2>&1 & pid=$!
+  fi
+  part "$1"; rc=$?
+  [ -z "$pid" ] || kill "$pid" 2> /dev/null
+  return $rc
+}
+
 case "${1:-status}" in
   status)
     for p in $(parts); do
@@ -155,10 +169,10 @@ case "${1:-status}" in
       s=$(student_of "$p")
       case "$taken" in *" $s "*) continue ;; esac   # two parts of one student at once would share its Stage 1
       [ $i -ge "$n" ] && break
-      CUDA_VISIBLE_DEVICES=$i part "$p" & pids+=($!); i=$((i + 1)); taken="$taken$s "
+      CUDA_VISIBLE_DEVICES=$i logged_part "$p" & pids+=($!); i=$((i + 1)); taken="$taken$s "
     done
     [ $i = 0 ] && echo "no part can run now: see status"
     rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done; exit $rc ;;
-  part) part "${2:?part NAME}" ;;
+  part) logged_part "${2:?part NAME}" ;;
   *) echo "usage: bash results/reproduce.sh status | next [N] | part NAME" >&2; exit 2 ;;
 esac

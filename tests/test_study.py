@@ -13,8 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     res = tmp_path / "res"
+    # a stand-in nvidia-smi that writes a line every half second, as `-l 15` would every 15 s, until killed
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\necho "$$" >> "$(dirname "$0")/pids"\n'
+                                        'while true; do echo "12:00:00, 1980 MHz, $*"; sleep 0.5; done\n')
+    (bin_dir / "nvidia-smi").chmod(0o755)
     env = dict(os.environ, PRESET="cpu", TEACHER=tiny_teacher, DATA_SRC=tiny_corpus, RES=str(res),
-               OUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+               OUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
 
     def study(*args):
         return subprocess.run(["bash", "results/reproduce.sh", *args], cwd=ROOT, env=env, capture_output=True,
@@ -24,6 +31,11 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert r.returncode == 2 and "needs the scores of part score_gla" in r.stderr
     r = study("part", "score_gla")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the part logged its GPU's clocks, and stopped logging when it ended
+    log = (res / "score_gla" / "gpu.csv").read_text()
+    assert "1980 MHz" in log and "clocks.sm" in log and "-l 15" in log
+    for pid in (bin_dir / "pids").read_text().split():
+        assert not os.path.exists(f"/proc/{pid}"), "the part left its nvidia-smi running"
     # next: score_gdn comes first in the list, but a part of gla starts from the Stage 1 already on this machine
     r = study("next", "1")
     assert r.returncode == 0 and "gla_kl_25 done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
