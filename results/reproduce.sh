@@ -25,7 +25,8 @@
 #
 # Sizes (environment): ALIGN_TOKENS, DISTILL_TOKENS, SMALL_TOKENS, FINETUNE_TOKENS, SEQ_LEN, BATCH, PROMPTS (recall
 # prompts per task and length: 100 keeps a cell's standard error under 0.05), RULER=1 (lm-eval's offline RULER
-# too), TEACHER, DATA_SRC (data.py --data), PRESET=cpu (a tiny run of every command on the CPU with a small TEACHER:
+# too, in each hybrid's final eval: about 2 more GPU-minutes per length at 100 documents, which the leases of one GPU
+# did not leave, so it is off by default), TEACHER, DATA_SRC (data.py --data), PRESET=cpu (a tiny run of every command on the CPU with a small TEACHER:
 # a check of the plumbing, tests/test_study.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,7 @@ fi
 steps() { echo $(( ($1 + BATCH * SEQ_LEN - 1) / (BATCH * SEQ_LEN) )); }   # steps that hold at least $1 tokens
 SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
-[ "${RULER:-0}" = 1 ] && EVAL+=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
+RULER_ARGS=(); [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")  # not the curve's
 # GPU minutes of each part on one H200, from session 9's run of score_gla there (data 13 s, transfer 17 s, Stage 1
 # 304 s, scoring 420 s; the all-linear student's distill 515 s, finetune 93 s; an eval of two models at 1K and 2K
 # 67 s): measured for score and linear, estimated for the hybrids
@@ -100,7 +101,7 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
     --out="finetune_$name" --resume=true --steps="$(steps "$FINETUNE_TOKENS")" "${SHAPE[@]}" --kl_weight=0.5 \
     --save_every=200 --valid_batches=16 || return 1
   st "eval_$name" $PY eval.py --run_name="$RUN" --out_dir="$OUT_DIR" --models="$d/finetune_$name/ckpt.pt" \
-    --prompts="$PROMPTS" "${EVAL[@]}" || return 1
+    --prompts="$PROMPTS" "${EVAL[@]}" "${RULER_ARGS[@]}" || return 1
   mkdir -p "$RES/$PART/$name" && cp "$d/eval/eval.json" "$RES/$PART/$name/" || return 1
   if [ -n "$snaps" ]; then   # the curve: the snapshots and the whole distill, with a quarter of the prompts
     local models="" n
