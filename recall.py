@@ -187,11 +187,11 @@ def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
             # A tokenizer may merge the last one with the newline (Qwen2's " .\n"): then one more.
             head, question = message.rsplit("\n", 1)
             padded = wrap(head + " ." * k + "\n" + question) + prefix
-            n = len(tok.encode(padded))
-            if n == length:
+            got = len(tok.encode(padded))
+            if got == length:
                 prompt, t = padded, length
                 break
-            k += length - n
+            k += length - got
             if k <= 0:
                 break
         prompts.append(dict(prompt=prompt, answers=answers, depth=depth, n_tokens=t))

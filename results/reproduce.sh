@@ -113,43 +113,49 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
   [ "$sel" = none ] || cp "$d/select/selection_$name.json" "$RES/$PART/$name/"
 }
 
-part() {
-  PART=$1; local t0=$SECONDS student method="" size="" rest
+part() {  # checks, the student's lock, the GPU log, the stages, then `done`
+  PART=$1; local t0=$SECONDS student method="" size="" rest pid="" rc
   known "$1" || { echo "unknown part '$1': $(parts | tr '\n' ' ')" >&2; return 2; }
   student=$(student_of "$1"); RUN="study_$student"
   if [ "${1#score_}" = "$1" ]; then rest=${1#*_}; method=${rest%_*}; size=${rest##*_}; fi
   if [ "$method" = kl ] && ! done_part "score_$student"; then
     echo "$1 needs the scores of part score_$student: run that part first" >&2; return 2
   fi
-  rm -f "$RES/$PART/times.txt"; mkdir -p "$RES/$PART"
-  stage1 "$student" || return 1
-  local src=""; [ "$method" = kl ] && src="--scores=$RES/score_$student/scores.json"
-  if [ -z "$method" ]; then   # every layer scored
-    st score $PY score.py --run_name="$RUN" --out_dir="$OUT_DIR" --budget=0.125,0.25,0.5 "${SCORE[@]}" &&
-    cp "$OUT_DIR/$RUN/score/scores.json" "$RES/$PART/" || return 1
-  elif [ "$method" = linear ]; then   # the all-linear bound
-    hybrid linear none "$DISTILL_TOKENS" || return 1
-  elif [ "$size" = 25 ]; then
-    hybrid "${method}_25" "--method=$method --budget=0.25 $src" "$DISTILL_TOKENS" "$SNAPSHOTS" || return 1
-  else
-    hybrid "${method}_12" "--method=$method --budget=0.125 $src" "$SMALL_TOKENS" &&
-    hybrid "${method}_50" "--method=$method --budget=0.5 $src" "$SMALL_TOKENS" || return 1
+  # Parts of one student share its run folder (Stage 1, eval/, the curve's run): one at a time, held until this
+  # process ends
+  mkdir -p "$OUT_DIR"; exec {lock}> "$OUT_DIR/$RUN.lock"
+  if command -v flock > /dev/null && ! flock -n "$lock"; then
+    echo "$1: another part of $student is running (it holds $OUT_DIR/$RUN.lock); run a part of the other student" >&2
+    return 3
   fi
+  rm -f "$RES/$PART/times.txt"; mkdir -p "$RES/$PART"
+  if command -v nvidia-smi > /dev/null; then   # the GPU's clocks, power and use every 15 s: a part that ran slower
+    # than another says whether its GPU did
+    nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
+      > "$RES/$PART/gpu.csv" 2>&1 & pid=$!
+  fi
+  stages "$student" "$method" "$size"; rc=$?
+  [ -z "$pid" ] || { kill "$pid"; wait "$pid"; } 2> /dev/null
+  [ $rc = 0 ] || return $rc
   echo "$((SECONDS - t0))s on $(${PY} -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")') at $(git describe --always --dirty) $(date +%F)" > "$RES/$PART/done"
   echo "$PART done: $(cat "$RES/$PART/done")"
 }
 
-logged_part() {  # part $1, with the GPU's clocks, power, temperature and use every 15 s in $RES/$1/gpu.csv: a part
-  # that ran slower than another says whether its GPU did
-  local pid="" rc
-  if command -v nvidia-smi > /dev/null && known "$1"; then
-    mkdir -p "$RES/$1"
-    nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
-      > "$RES/$1/gpu.csv" 2>&1 & pid=$!
+stages() {  # stages STUDENT METHOD SIZE: Stage 1, then the part's own stages
+  local method=$2 size=$3 src=""
+  stage1 "$1" || return 1
+  [ "$method" = kl ] && src="--scores=$RES/score_$1/scores.json"
+  if [ -z "$method" ]; then   # every layer scored
+    st score $PY score.py --run_name="$RUN" --out_dir="$OUT_DIR" --budget=0.125,0.25,0.5 "${SCORE[@]}" &&
+    cp "$OUT_DIR/$RUN/score/scores.json" "$RES/$PART/"
+  elif [ "$method" = linear ]; then   # the all-linear bound
+    hybrid linear none "$DISTILL_TOKENS"
+  elif [ "$size" = 25 ]; then
+    hybrid "${method}_25" "--method=$method --budget=0.25 $src" "$DISTILL_TOKENS" "$SNAPSHOTS"
+  else
+    hybrid "${method}_12" "--method=$method --budget=0.125 $src" "$SMALL_TOKENS" &&
+    hybrid "${method}_50" "--method=$method --budget=0.5 $src" "$SMALL_TOKENS"
   fi
-  part "$1"; rc=$?
-  [ -z "$pid" ] || kill "$pid" 2> /dev/null
-  return $rc
 }
 
 case "${1:-status}" in
@@ -170,10 +176,10 @@ case "${1:-status}" in
       s=$(student_of "$p")
       case "$taken" in *" $s "*) continue ;; esac   # two parts of one student at once would share its Stage 1
       [ $i -ge "$n" ] && break
-      CUDA_VISIBLE_DEVICES=$i logged_part "$p" & pids+=($!); i=$((i + 1)); taken="$taken$s "
+      CUDA_VISIBLE_DEVICES=$i part "$p" & pids+=($!); i=$((i + 1)); taken="$taken$s "
     done
     [ $i = 0 ] && echo "no part can run now: see status"
     rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done; exit $rc ;;
-  part) logged_part "${2:?part NAME}" ;;
+  part) part "${2:?part NAME}" ;;
   *) echo "usage: bash results/reproduce.sh status | next [N] | part NAME" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@ refuses to start before its student's scores exist; `next` prefers a part whose 
 and that part reuses it), leave their files under RES, say they are done, take the selection from the committed
 scores, and results/report.py builds the table and the curve from those files."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -42,6 +43,11 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert not (res / "score_gdn").exists()
     stages = [line.split()[0] for line in open(res / "gla_kl_25" / "times.txt")]
     assert "transfer" not in stages and "nothing to do" in open(res / "gla_kl_25" / "logs" / "align.log").read()
+    # two parts of one student never share its run folder at once: a running part holds its lock
+    with open(tmp_path / "out" / "study_gla.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        r = study("part", "gla_linear")
+    assert r.returncode == 3 and "another part of gla is running" in r.stderr, r.stderr[-3000:]
     r = study("part", "gla_linear")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     status = study("status").stdout
