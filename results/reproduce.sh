@@ -4,11 +4,11 @@
 # and the teacher as bounds, at the paper's 4096-token sequences and >= 50M tokens per 25% hybrid.
 #
 # It takes hours of GPU time, more than one lease of a machine, so it runs in parts. A part starts from the teacher
-# and redoes what it needs (data, Stage 0 and Stage 1 with the same seed and tokens: the same student), then leaves
-# its small files under results/study/<part>/ (scores, selections, eval.json, the stages' logs, its time), which are
-# committed. Checkpoints stay on the machine, one Stage 1 per student (out/study_<student>): a later part of the
-# same student on the same machine starts from it, and `next` prefers such parts. `status` says which parts are
-# done; `next` runs the others.
+# and redoes what it needs (data, Stage 0 and Stage 1 with the same seed and tokens: the same student, up to the
+# GPU's unordered sums), then leaves its small files under results/study/<part>/ (scores, selections, eval.json, the
+# stages' logs, its times, gpu.csv), which are committed. Checkpoints stay on the machine, one Stage 1 per student
+# (out/study_<student>): a later part of the same student on the same machine starts from it, and `next` prefers
+# such parts. `status` says which parts are done; `next` runs the others.
 #
 #   bash results/reproduce.sh status          # every part, done or not, and its time (measured, or the estimate)
 #   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs), of
