@@ -40,39 +40,49 @@ def row(label, m, teacher):
 
 def main(cfg):
     out = cfg.out or os.path.join(cfg.res, "report.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     evals, part_of = {}, {}   # (student, name) -> eval.json's models, and the part that made it
     for path in sorted(glob.glob(os.path.join(cfg.res, "*", "*", "eval.json"))):
         part, name = path.split(os.sep)[-3:-1]
         student = part.split("_")[1] if part.startswith("score_") else part.split("_")[0]
         evals[(student, name)] = json.load(open(path))["models"]
         part_of[(student, name)] = part
-    if not evals:
-        raise SystemExit(f"no eval.json under {cfg.res}/<part>/<hybrid>/: run `bash results/reproduce.sh next` first")
-    teacher = next(iter(evals.values()))["teacher"]
-    lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
-             row("teacher", teacher, teacher)]
+    scores = {os.path.basename(os.path.dirname(p)).split("_", 1)[1]: json.load(open(p))["scores"]
+              for p in sorted(glob.glob(os.path.join(cfg.res, "score_*", "scores.json")))}
+    if not evals and not scores:
+        raise SystemExit(f"no eval.json under {cfg.res}/<part>/<hybrid>/ and no scores.json under "
+                         f"{cfg.res}/score_<student>/: run `bash results/reproduce.sh next` first")
+    report = ["# The study: KL-guided selection at scale", ""]
     curves = {}
-    for (student, name), models in sorted(evals.items()):
-        final = next((m for label, m in models.items() if label.startswith("finetune")), None)
-        if final is None:
-            continue
-        k = sum(x == "attn" for x in final["mixers"])
-        lines.append(row(f"{student} {name} ({k} softmax)", final, teacher))
-        curve = os.path.join(cfg.res, part_of[(student, name)], name, "eval_curve.json")
-        if os.path.exists(curve):   # snapshots and the whole distill, evaluated with fewer prompts
-            cm = json.load(open(curve))["models"]
-            snaps = {int(label.split("_")[1]): m for label, m in cm.items() if label.startswith("tokens_")}
-            distilled = next(m for label, m in cm.items() if label.startswith("distill"))
-            curves[f"{student} {name}"] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [
-                ("all distill tokens", distilled["recall"]["avg"]), ("finetuned", final["recall"]["avg"])]
-    report = ["# The study: KL-guided selection at scale", "", "Recall: RULER's string_match_all over the six tasks of "
-              "recall.py; retention = hybrid / teacher recall at each length.", "", *lines, ""]
+    if evals:
+        teacher = next(iter(evals.values()))["teacher"]
+        lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
+                 row("teacher", teacher, teacher)]
+        for (student, name), models in sorted(evals.items()):
+            final = next((m for label, m in models.items() if label.startswith("finetune")), None)
+            if final is None:
+                continue
+            k = sum(x == "attn" for x in final["mixers"])
+            lines.append(row(f"{student} {name} ({k} softmax)", final, teacher))
+            curve = os.path.join(cfg.res, part_of[(student, name)], name, "eval_curve.json")
+            if os.path.exists(curve):   # snapshots and the whole distill, evaluated with fewer prompts
+                cm = json.load(open(curve))["models"]
+                snaps = {int(label.split("_")[1]): m for label, m in cm.items() if label.startswith("tokens_")}
+                distilled = next(m for label, m in cm.items() if label.startswith("distill"))
+                curves[f"{student} {name}"] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [
+                    ("all distill tokens", distilled["recall"]["avg"]), ("finetuned", final["recall"]["avg"])]
+        report += ["Recall: RULER's string_match_all over the six tasks of recall.py; retention = hybrid / teacher "
+                   "recall at each length.", "", *lines, ""]
+    else:
+        report += ["No hybrid evaluated yet: only the scores below.", ""]
     if curves:
         report += ["Recall against distill tokens (25% hybrids, a quarter of the prompts; the last point finetuned, "
                    "with all the prompts):", ""]
         report += [f"- {name}: " + ", ".join(f"{n} {v:.3f}" for n, v in c) for name, c in curves.items()] + [""]
-    scores = {os.path.basename(os.path.dirname(p)).split("_", 1)[1]: json.load(open(p))["scores"]
-              for p in sorted(glob.glob(os.path.join(cfg.res, "score_*", "scores.json")))}
+    for student, sc in scores.items():   # lower = more important: the order kl keeps them in
+        order = sorted(range(len(sc)), key=lambda i: sc[i])
+        report += [f"Scores of {student} (probe KL, lower = keep softmax), most important first: "
+                   + ", ".join(f"{i} {sc[i]:.3f}" for i in order), ""]
     if scores:
         try:
             import matplotlib

@@ -37,6 +37,11 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert "1980 MHz" in log and "clocks.sm" in log and "-l 15" in log
     for pid in (bin_dir / "pids").read_text().split():
         assert not os.path.exists(f"/proc/{pid}"), "the part left its nvidia-smi running"
+    # a report before any hybrid: the scores alone
+    report = subprocess.run([sys.executable, "results/report.py", f"--res={res}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0 and "No hybrid evaluated yet" in report.stdout, report.stderr[-2000:]
+    assert "Scores of gla" in report.stdout
     # next: score_gdn comes first in the list, but a part of gla starts from the Stage 1 already on this machine
     r = study("next", "1")
     assert r.returncode == 0 and "gla_kl_25 done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
