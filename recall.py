@@ -152,14 +152,14 @@ def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
     for i in range(n):
         depth = float(depths[i % len(depths)])
         build = _task(task, tok, rng, depth, length, haystack)
-        best, tried = None, {}  # best: (tokens, message, prefix, answers, m) of the longest prompt that fits
+        best, tried = None, {}  # best: (tokens, message, prefix, answers) of the longest prompt that fits
 
         def attempt(m):
             nonlocal best
             message, prefix, answers = build(m)
             tried[m] = t = len(tok.encode(wrap(message) + prefix))
             if t <= length and (best is None or t > best[0]):
-                best = (t, message, prefix, answers, m)
+                best = (t, message, prefix, answers)
             return t
 
         while m not in tried and len(tried) < 12:
@@ -178,14 +178,14 @@ def make_prompts(task, tok, length, n, seed=0, depths=DEPTHS, haystack=""):
         if best is None:
             raise ValueError(f"{task}: {length} tokens is too short for its instructions and needles "
                              f"({tried[min(tried)]} tokens with a haystack of {min(tried)}); use a longer length")
-        t, message, prefix, answers, _ = best
+        t, message, prefix, answers = best
         prompt = wrap(message) + prefix
+        # A few tokens short (a needle moved a sentence boundary): k " ." filler tokens before the question (the
+        # message's last line) make the prompt exactly `length`, so prompts of one length share a generate call.
+        # A tokenizer may merge the last one with the newline (Qwen2's " .\n"): then one more.
+        head, question = message.rsplit("\n", 1)
         k = length - t
         for _ in range(3 if t < length else 0):
-            # A few tokens short (a needle moved a sentence boundary): k " ." filler tokens before the question (the
-            # message's last line) make the prompt exactly `length`, so prompts of one length share a generate call.
-            # A tokenizer may merge the last one with the newline (Qwen2's " .\n"): then one more.
-            head, question = message.rsplit("\n", 1)
             padded = wrap(head + " ." * k + "\n" + question) + prefix
             got = len(tok.encode(padded))
             if got == length:

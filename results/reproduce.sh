@@ -16,18 +16,18 @@
 #   bash results/reproduce.sh part NAME       # one part by name (see `status`)
 #   python results/report.py                  # the table, retention, curves and score plots from results/study/
 #
-# Parts (each fits one lease of a GPU), in the order `next` runs them: score_<student> (Stage 1, every layer scored);
-# for method kl (needs score_<student>), uniform and ga_s1: <student>_<method>_25 (Stage 1 again, the 25% hybrid
-# with DISTILL_TOKENS and snapshots at 5M and 20M tokens for the curve of recall against tokens); <student>_linear
-# (Stage 1 again, the all-linear bound with DISTILL_TOKENS); <student>_<method>_small (Stage 1 again, the 12.5% and
-# 50% hybrids with SMALL_TOKENS). Every hybrid is finetuned and evaluated beside the teacher. Same seed, data and
-# steps for every method.
+# Parts (each fits one lease of a GPU), in the order `next` takes them (but a part whose student's Stage 1 is on the
+# machine first): score_<student> (Stage 1, every layer scored); for method kl (needs score_<student>), uniform and
+# ga_s1: <student>_<method>_25 (Stage 1 again, the 25% hybrid with DISTILL_TOKENS and snapshots at 5M and 20M tokens
+# for the curve of recall against tokens); <student>_linear (Stage 1 again, the all-linear bound with
+# DISTILL_TOKENS); <student>_<method>_small (Stage 1 again, the 12.5% and 50% hybrids with SMALL_TOKENS). Every
+# hybrid is finetuned and evaluated beside the teacher. Same seed, data and steps for every method.
 #
 # Sizes (environment): ALIGN_TOKENS, DISTILL_TOKENS, SMALL_TOKENS, FINETUNE_TOKENS, SEQ_LEN, BATCH, PROMPTS (recall
-# prompts per task and length: 100 keeps a cell's standard error under 0.05), RULER=1 (lm-eval's offline RULER
-# too, in each hybrid's final eval: about 2 more GPU-minutes per length at 100 documents, which the leases of one GPU
-# did not leave, so it is off by default), TEACHER, DATA_SRC (data.py --data), PRESET=cpu (a tiny run of every command on the CPU with a small TEACHER:
-# a check of the plumbing, tests/test_study.py).
+# prompts per task and length: 100 keeps a cell's standard error under 0.05), RULER=1 (lm-eval's offline RULER too,
+# in each hybrid's final eval: about 2 more GPU-minutes per length at 100 documents, which the leases of one GPU did
+# not leave, so it is off by default), TEACHER, DATA_SRC (data.py --data), PRESET=cpu (a tiny run of every command
+# on the CPU with a small TEACHER: a check of the plumbing, tests/test_study.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -50,7 +50,8 @@ fi
 steps() { echo $(( ($1 + BATCH * SEQ_LEN - 1) / (BATCH * SEQ_LEN) )); }   # steps that hold at least $1 tokens
 SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
-RULER_ARGS=(); [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")  # not the curve's
+RULER_ARGS=()   # the final evals', not the curve's
+[ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
 # GPU minutes of each part on one H200, from session 9's run of score_gla there (data 13 s, transfer 17 s, Stage 1
 # 304 s, scoring 420 s; the all-linear student's distill 515 s, finetune 93 s; an eval of two models at 1K and 2K
 # 67 s): measured for score and linear, estimated for the hybrids
@@ -114,7 +115,7 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
 }
 
 part() {  # checks, the student's lock, the GPU log, the stages, then `done`
-  PART=$1; local t0=$SECONDS student method="" size="" rest pid="" rc
+  PART=$1; local t0=$SECONDS student method="" size="" rest pid="" rc gpu
   known "$1" || { echo "unknown part '$1': $(parts | tr '\n' ' ')" >&2; return 2; }
   student=$(student_of "$1"); RUN="study_$student"
   if [ "${1#score_}" = "$1" ]; then rest=${1#*_}; method=${rest%_*}; size=${rest##*_}; fi
@@ -125,19 +126,22 @@ part() {  # checks, the student's lock, the GPU log, the stages, then `done`
   # process ends
   mkdir -p "$OUT_DIR"; exec {lock}> "$OUT_DIR/$RUN.lock"
   if command -v flock > /dev/null && ! flock -n "$lock"; then
-    echo "$1: another part of $student is running (it holds $OUT_DIR/$RUN.lock); run a part of the other student" >&2
+    echo "$1: another part of $student is running (it holds $OUT_DIR/$RUN.lock); run a part of the other" \
+      "student" >&2
     return 3
   fi
   rm -f "$RES/$PART/times.txt"; mkdir -p "$RES/$PART"
   if command -v nvidia-smi > /dev/null; then   # the GPU's clocks, power and use every 15 s: a part that ran slower
     # than another says whether its GPU did
-    nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
+    nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 \
+      --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
       > "$RES/$PART/gpu.csv" 2>&1 & pid=$!
   fi
   stages "$student" "$method" "$size"; rc=$?
   [ -z "$pid" ] || { kill "$pid"; wait "$pid"; } 2> /dev/null
   [ $rc = 0 ] || return $rc
-  echo "$((SECONDS - t0))s on $(${PY} -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")') at $(git describe --always --dirty) $(date +%F)" > "$RES/$PART/done"
+  gpu=$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')
+  echo "$((SECONDS - t0))s on $gpu at $(git describe --always --dirty) $(date +%F)" > "$RES/$PART/done"
   echo "$PART done: $(cat "$RES/$PART/done")"
 }
 
