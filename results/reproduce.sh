@@ -164,10 +164,17 @@ stages() {  # stages STUDENT METHOD SIZE: Stage 1, then the part's own stages
 
 case "${1:-status}" in
   status)
+    spent=0; left=0
     for p in $(parts); do
-      if done_part "$p"; then echo "  done     $p  ($(cat "$RES/$p/done"))"
-      else echo "  pending  $p  (~${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}} GPU-min on one H200, estimated)"; fi
-    done ;;
+      if done_part "$p"; then
+        echo "  done     $p  ($(cat "$RES/$p/done"))"; spent=$((spent + $(cut -d s -f 1 "$RES/$p/done")))
+      else
+        est=${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}}; left=$((left + est))
+        echo "  pending  $p  (~$est GPU-min on one H200, estimated)"
+      fi
+    done
+    echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~5.5 for each part that starts"
+    echo "from a Stage 1 already on its machine)" ;;
   next)
     n=${2:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}; i=0; pids=(); taken=" "
     ready=(); pending=()   # parts that can start; those whose student's Stage 1 is on this machine first

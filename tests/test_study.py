@@ -6,6 +6,7 @@ scores, and results/report.py builds the table and the curve from those files.""
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,7 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     status = study("status").stdout
     assert "done     score_gla" in status and "done     gla_kl_25" in status and "pending  gdn_kl_25" in status
+    assert re.search(r"GPU time: \d+ min spent on the parts done, ~\d+ min left", status), status
     scores = json.load(open(res / "score_gla" / "scores.json"))["scores"]
     chosen = json.load(open(res / "gla_kl_25" / "kl_25" / "selection_kl_25.json"))["layers"]
     assert chosen == [min(range(len(scores)), key=scores.__getitem__)]   # 25% of 4 layers: the lowest score
