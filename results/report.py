@@ -38,11 +38,36 @@ def row(label, m, teacher):
     return "| " + " | ".join(cells) + " |"
 
 
+def save_plot(path, draw, size, what):
+    """draw(ax) into path (png) with a legend; the report's line that names it, or says that matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"(matplotlib is not installed: no plot of {what.lower()})"
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"{what}: {os.path.basename(path)}"
+
+
+def se_bound(path):
+    """The largest standard error of one length's recall in an eval.json: the mean of tasks x prompts scores in
+    [0, 1], whose variance is at most 1/4 each."""
+    st = json.load(open(path))["settings"]
+    return (0.25 / (len(st["tasks"]) * st["prompts"])) ** 0.5
+
+
 def main(cfg):
     out = cfg.out or os.path.join(cfg.res, "report.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    evals, part_of = {}, {}   # (student, name) -> eval.json's models, and the part that made it
+    evals, part_of, se = {}, {}, []   # (student, name) -> eval.json's models, the part that made it; SE bounds
     for path in sorted(glob.glob(os.path.join(cfg.res, "*", "*", "eval.json"))):
+        se.append(se_bound(path))
         part, name = path.split(os.sep)[-3:-1]
         student = part.split("_")[1] if part.startswith("score_") else part.split("_")[0]
         evals[(student, name)] = json.load(open(path))["models"]
@@ -58,46 +83,55 @@ def main(cfg):
         teacher = next(iter(evals.values()))["teacher"]
         lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
                  row("teacher", teacher, teacher)]
+        tasks = list(teacher["recall"]["by_task"])   # where the recall is lost: per task, over the lengths
+        task_row = lambda label, m: f"| {label} | " + " | ".join(  # noqa: E731
+            f"{m['recall']['by_task'].get(t, float('nan')):.2f}" for t in tasks) + " |"
+        by_task = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|", task_row("teacher", teacher)]
         for (student, name), models in sorted(evals.items()):
             final = next((m for label, m in models.items() if label.startswith("finetune")), None)
             if final is None:
                 continue
             k = sum(x == "attn" for x in final["mixers"])
             lines.append(row(f"{student} {name} ({k} softmax)", final, teacher))
+            by_task.append(task_row(f"{student} {name}", final))
             curve = os.path.join(cfg.res, part_of[(student, name)], name, "eval_curve.json")
             if os.path.exists(curve):   # snapshots and the whole distill, evaluated with fewer prompts
                 cm = json.load(open(curve))["models"]
+                curve_se = se_bound(curve)
                 snaps = {int(label.split("_")[1]): m for label, m in cm.items() if label.startswith("tokens_")}
                 distilled = next(m for label, m in cm.items() if label.startswith("distill"))
                 curves[f"{student} {name}"] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [
                     ("all distill tokens", distilled["recall"]["avg"]), ("finetuned", final["recall"]["avg"])]
         report += ["Recall: RULER's string_match_all over the six tasks of recall.py; retention = hybrid / teacher "
-                   "recall at each length.", "", *lines, ""]
+                   "recall at each length.", "", *lines, "", "Recall per task (over the lengths):", "", *by_task, "",
+                   f"Standard error of a length's recall at most {max(se):.3f} (tasks x prompts scores in [0, 1])."
+                   if len(set(se)) == 1 else f"Standard error of a length's recall at most {min(se):.3f} to "
+                   f"{max(se):.3f}, by the eval's prompts (tasks x prompts scores in [0, 1]).", ""]
     else:
         report += ["No hybrid evaluated yet: only the scores below.", ""]
     if curves:
-        report += ["Recall against distill tokens (25% hybrids, a quarter of the prompts; the last point finetuned, "
-                   "with all the prompts):", ""]
+        report += ["Recall against distill tokens (25% hybrids, a quarter of the prompts, standard error of an "
+                   f"average at most {curve_se / 3 ** 0.5:.3f}; the last point finetuned, with all the prompts):", ""]
         report += [f"- {name}: " + ", ".join(f"{n} {v:.3f}" for n, v in c) for name, c in curves.items()] + [""]
     for student, sc in scores.items():   # lower = more important: the order kl keeps them in
         order = sorted(range(len(sc)), key=lambda i: sc[i])
         report += [f"Scores of {student} (probe KL, lower = keep softmax), most important first: "
                    + ", ".join(f"{i} {sc[i]:.3f}" for i in order), ""]
+    if curves:
+        def draw(ax):
+            for name, c in curves.items():
+                ax.plot([label for label, _ in c], [v for _, v in c], marker="o", label=name)
+            ax.axhline(teacher["recall"]["avg"], color="gray", ls="--", label="teacher")
+            ax.set(xlabel="distill tokens", ylabel="recall (1K/2K/4K average)", title="recall against distill tokens",
+                   ylim=(0, None))
+        report += [save_plot(os.path.join(os.path.dirname(out), "curve.png"), draw, (6, 3.5),
+                             "Recall against distill tokens"), ""]
     if scores:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(figsize=(8, 3))
+        def draw(ax):
             for student, s in scores.items():
                 ax.plot(range(len(s)), s, marker="o", label=student)
             ax.set(xlabel="layer", ylabel="probe KL (lower = keep softmax)", title="per-layer scores")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(os.path.dirname(out), "scores.png"), dpi=120)
-            report += ["Per-layer scores: scores.png", ""]
-        except ImportError:
-            report += ["(matplotlib is not installed: no score plot)", ""]
+        report += [save_plot(os.path.join(os.path.dirname(out), "scores.png"), draw, (8, 3), "Per-layer scores"), ""]
     missing = sorted({p for p in os.listdir(cfg.res) if os.path.isdir(os.path.join(cfg.res, p))
                       and not os.path.exists(os.path.join(cfg.res, p, "done"))})
     if missing:

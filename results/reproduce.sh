@@ -52,10 +52,10 @@ SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
 RULER_ARGS=()   # the final evals', not the curve's
 [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
-# GPU minutes of each part on one H200, from session 9's run of score_gla there (data 13 s, transfer 17 s, Stage 1
-# 304 s, scoring 420 s; the all-linear student's distill 515 s, finetune 93 s; an eval of two models at 1K and 2K
-# 67 s): measured for score and linear, estimated for the hybrids
-declare -A ESTIMATE_MIN=([score]=13 [25]=16 [linear]=17 [small]=15)
+# GPU minutes of each part on one H200: score from session 9's score_gla (data 13 s, transfer 17 s, Stage 1 304 s,
+# scoring 420 s), 25 from session 10's gla_kl_25 and gla_uniform_25 (1057 and 1054 s: Stage 1 360 s, distill 470 s,
+# finetune 80 s, evals 137 s), linear and small estimated from those stages (GLA's kernel before its sub-chunk path)
+declare -A ESTIMATE_MIN=([score]=13 [25]=18 [linear]=18 [small]=15)
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
@@ -173,7 +173,7 @@ case "${1:-status}" in
         echo "  pending  $p  (~$est GPU-min on one H200, estimated)"
       fi
     done
-    echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~5.5 for each part that starts"
+    echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~6 for each part that starts"
     echo "from a Stage 1 already on its machine)" ;;
   next)
     n=${2:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}; i=0; pids=(); taken=" "

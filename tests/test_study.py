@@ -69,3 +69,5 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| gla kl_25 (1 softmax) |" in report.stdout and "| gla linear (0 softmax) |" in report.stdout
     assert "- gla kl_25: 0.000128M" in report.stdout and (res / "report.md").exists()
+    # one prompt per task and length in the CPU preset: the standard error bound of 1/4 over 1 task x 1 prompt
+    assert "Standard error of a length's recall at most 0.500" in report.stdout, report.stdout
