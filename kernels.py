@@ -19,11 +19,17 @@ the intra-chunk matrix as one matmul, A = (q * exp(b)) (k * exp(-b))^T, i.e. a t
 We use that factorization only where it is bounded: when the chunk decays by less than 2^64 in every channel
 (b >= -64 ln 2; a gate logsigmoid(x)/16 needs x < -11 on average to break it), the factors lie within 2^+-64 of q
 and k, which fp32 and bf16 hold, and the entries i < j it also produces (up to 2^64 |q||k|) are finite and masked
-away (fp32 inputs: 2^16, as each factor carries a relative error eps * |b|). The other chunks take the exact path, a
-loop over key rows s that builds column s of exp(b_i - b_s) for i >= s only, its exponent g_{s+1} + ... + g_i summed
-afresh (a difference of two cumulative sums of size ~1800 would lose 1e-4 of it). Kernel (1) below flags those
-chunks; each chunk kernel is launched twice, fast path then exact path, each skipping the other's chunks, so the
-rare exact loop takes no registers (occupancy) from the common path.
+away (fp32 inputs: 2^16, as each factor carries a relative error eps * |b|). Training breaks it: as the study's
+Stage 1 trained the GLA gates, its steps slowed from 78 to 214 ms at steady GPU clocks (results/study/gla_kl_25/),
+the flagged chunks taking over. A flagged chunk is therefore cut into sub-chunks of BC = 16 rows, taken in turn with
+the state carried between them in registers, as if the chunk length were 16 there: each sub-chunk is factorized
+when none of its gates is below -64/16 (base 2), so its factors stay within 2^+-64; the others (gates near -3 per
+step and below) take the exact loop over their 16 key rows s, which builds column s of exp(b_i - b_s) for i >= s
+only, its exponent g_{s+1} + ... + g_i summed afresh (a difference of two cumulative sums of size ~1800 would lose
+1e-4 of it). Kernel (1) below flags the chunks; each chunk kernel is launched twice, the chunk form then the
+sub-chunk form, each skipping the other's chunks, so the sub-chunk loops take no registers (occupancy) from the
+common path. `python kernels.py --gates=trained` times it with a quarter of the channels decaying 0.5-2.5 per step
+(a stand-in for trained gates: every chunk flagged, no sub-chunk).
 
 Forward. (1) _local_state_kernel, parallel over (chunk, head): X_n = (k * exp(b_L - b))^T v, the state chunk n leaves
 from a zero start, and its decay b_L. (2) _state_scan_kernel: the only sequential part, and only elementwise on
@@ -44,8 +50,9 @@ d(initial_state). Then per chunk, with dA_ij = do_i . v_j for i >= j:
 g_t enters b_i for every i >= t of its chunk, so dg_t = sum_{i>=t} dL/db_i, with dL/db_i = q_i dq_i - k_i dk_i, plus
 rowsum(dS * S_next) at i = L (every term of S_next carries exp(b_L)). _chunk_bwd_kernel does exactly that. But this
 sum counts every term exp(b_i - b_j) once with + and once with -; the i = j terms, exp(0) = 1, cancel only up to
-rounding, noise of size |q k dA| where under strong decay the true dg is exp(-20) smaller. So the exact path
-(_chunk_bwd_exact_kernel) sums only the terms whose exponent contains g_t:
+rounding, noise of size |q k dA| where under strong decay the true dg is exp(-20) smaller. So the sub-chunks of a
+flagged chunk (_chunk_bwd_sub_kernel, through _bwd_exact) sum only the terms whose exponent contains g_t, whether
+their intra-block terms come from the loop or the factorization:
 
     dg_t = sum_{i>=t} q_i (dq_i - dA_ii k_i) - sum_{j>=t} k_j (dk_j^intra - dA_jj q_j) + sum_{j<t} k_j dk_j^inter
            + exp(b_L) * rowsum(S * dS)
@@ -73,6 +80,7 @@ import triton
 import triton.language as tl
 
 BT = 64  # chunk length (method.md)
+BC = 16  # sub-chunk length of the chunks whose decay is too strong to factorize at BT
 # The Triton path on CPU needs the interpreter, which triton fixes when it is first imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERP = tl.constexpr(INTERPRET)
@@ -160,7 +168,7 @@ def _cast(x, dt: tl.constexpr):
     # The triton 3.9 interpreter rounds fp32 -> bf16 toward zero, GPUs to nearest even: round here first, so that
     # the CPU tests see the GPU's precision.
     if _INTERP:
-        if dt == tl.bfloat16:
+        if dt == tl.bfloat16 and x.dtype == tl.float32:
             u = x.to(tl.uint32, bitcast=True)
             x = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     return x.to(dt)
@@ -248,34 +256,81 @@ def _state_scan_kernel(X, bLs, init, out, final, NT, NS, K: tl.constexpr, V: tl.
 
 
 @triton.jit
+def _block_tiles(q, k, v, g, n, bh, scale, T, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
+    """What a block (n: its index in blocks of BT rows) starts with: its base-2 gates g2 and their cumulative sum b,
+    the row mask m, q * scale and k in fp32 ([BT, K]) and v ([BT, V])."""
+    g2 = _log2_gates(g, n, bh, T, H, K, BT)
+    pq, m = _tile(q, n, bh, T, H, K, BT)
+    pk, _ = _tile(k, n, bh, T, H, K, BT)
+    pv, _ = _tile(v, n, bh, T, H, V, BT)
+    return (g2, tl.cumsum(g2, axis=0), m, tl.load(pq, mask=m, other=0.).to(tl.float32) * scale,
+            tl.load(pk, mask=m, other=0.).to(tl.float32), tl.load(pv, mask=m, other=0.))
+
+
+@triton.jit
+def _output_block(q, k, v, g, o, S_, n, bh, scale, T, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  PREC: tl.constexpr, EXACT):
+    """Block n of BT rows (a chunk, or a sub-chunk of one) of head bh, entering state S_ [K, V]: o = (q * 2^b) S +
+    A v, A the causal attention with per-channel decay, by the bounded factorization or (EXACT) the exact loop.
+    Returns its k (fp32), v and base-2 gates, for the state it leaves."""
+    g2, b, m, q_, k_, v_ = _block_tiles(q, k, v, g, n, bh, scale, T, H, K, V, BT)
+    qe = q_ * tl.exp2(b)
+    dt = S_.dtype
+    acc = _dot(_cast(qe, dt), S_, PREC)  # [BT, V] through the entering state
+    if EXACT:
+        A = _attention_exact(q_, k_, g2, BT)
+    else:  # bounded factorization
+        A = _dot(_cast(qe, dt), tl.trans(_cast(k_ * tl.exp2(-b), dt)), PREC)
+    t = tl.arange(0, BT)
+    A = tl.where(t[:, None] >= t[None, :], A, 0.)
+    acc += _dot(_cast(A, dt), v_, PREC)  # [BT, BT] @ [BT, V]
+    po, _ = _tile(o, n, bh, T, H, V, BT)
+    tl.store(po, _cast(acc, o.dtype.element_ty), mask=m)
+    return k_, v_, g2
+
+
+@triton.jit
+def _leave(S_, k_, v_, g2, PREC: tl.constexpr, dt: tl.constexpr):
+    """The state after a block, fp32: 2^b_L * S + (k * 2^(b_L - b))^T v."""
+    return tl.exp2(tl.sum(g2, axis=0))[:, None] * S_ + _dot(tl.trans(_cast(k_ * tl.exp2(_suffix(g2)), dt)), v_, PREC)
+
+
+@triton.jit
 def _chunk_output_kernel(q, k, v, g, S, exact, o, scale, T, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                         PREC: tl.constexpr, EXACT: tl.constexpr):
-    """Per (chunk, head): o = (q * 2^b) S + A v, A the causal intra-chunk attention with per-channel decay.
-    Launched twice: EXACT=False does the chunks whose decay allows the factorization and skips the rest, EXACT=True
-    the flagged ones. Two compiled kernels, so the rare exact loop takes no registers (occupancy) from the common
-    path, and a skipped chunk costs one byte read."""
+                         PREC: tl.constexpr):
+    """Per (chunk, head) whose decay allows the factorization (the others: _chunk_output_sub_kernel)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
-    if tl.load(exact + bh * NT + n) == EXACT:
-        b = tl.cumsum(_log2_gates(g, n, bh, T, H, K, BT), axis=0)  # [BT, K]
-        pq, m = _tile(q, n, bh, T, H, K, BT)
-        qe = tl.load(pq, mask=m, other=0.).to(tl.float32) * scale * tl.exp2(b)  # [BT, K]
-        i = bh.to(tl.int64) * (NT + 1) + n
-        S_ = tl.load(S + i * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :])  # [K, V] entering
-        dt = S_.dtype
-        acc = _dot(_cast(qe, dt), S_, PREC)  # [BT, V] inter-chunk
-        pk, _ = _tile(k, n, bh, T, H, K, BT)
-        if EXACT:
-            A = _attention_exact(pq, pk, m, g, n, bh, T, H, K, BT, scale)
-        else:  # bounded factorization
-            ke = tl.load(pk, mask=m, other=0.).to(tl.float32) * tl.exp2(-b)  # [BT, K]
-            A = _dot(_cast(qe, dt), tl.trans(_cast(ke, dt)), PREC)
-        t = tl.arange(0, BT)
-        A = tl.where(t[:, None] >= t[None, :], A, 0.)
-        pv, _ = _tile(v, n, bh, T, H, V, BT)
-        acc += _dot(_cast(A, dt), tl.load(pv, mask=m, other=0.), PREC)  # [BT, BT] @ [BT, V]
-        po, _ = _tile(o, n, bh, T, H, V, BT)
-        tl.store(po, _cast(acc, o.dtype.element_ty), mask=m)
+    if tl.load(exact + bh * NT + n) == 0:
+        S_ = tl.load(S + (bh.to(tl.int64) * (NT + 1) + n) * K * V + tl.arange(0, K)[:, None] * V
+                     + tl.arange(0, V)[None, :])  # [K, V] entering
+        _output_block(q, k, v, g, o, S_, n, bh, scale, T, H, K, V, BT, PREC, False)
+
+
+@triton.jit
+def _strong(g, s, bh, T, H, K: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr):
+    """Sub-chunk s (blocks of BC rows) takes the exact loop if one of its gates is below FAST / BC (base 2): that
+    bounds its factors by 2^-FAST, and keeps every gradient of a gate above the rounding noise of the diagonal terms
+    that the factorized dg adds and subtracts (at -20 per step the true dg is e^-20 smaller than they are)."""
+    return tl.min(tl.min(_log2_gates(g, s, bh, T, H, K, BC), axis=1), axis=0) < FAST / BC
+
+
+@triton.jit
+def _chunk_output_sub_kernel(q, k, v, g, S, exact, o, scale, T, H, K: tl.constexpr, V: tl.constexpr,
+                             BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+    """Per flagged (chunk, head): the chunk as BT / BC sub-chunks of BC rows in turn, the state carried from one to
+    the next in registers (fp32), each factorized when its own decay is bounded (nearly always), else exact."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    NT = tl.cdiv(T, BT)
+    if tl.load(exact + bh * NT + n) != 0:
+        carry = tl.load(S + (bh.to(tl.int64) * (NT + 1) + n) * K * V + tl.arange(0, K)[:, None] * V
+                        + tl.arange(0, V)[None, :]).to(tl.float32)
+        for c in tl.static_range(BT // BC):
+            s = n * (BT // BC) + c  # the sub-chunk, in blocks of BC rows
+            flag = _strong(g, s, bh, T, H, K, BC, FAST)
+            k_, v_, g2 = _output_block(q, k, v, g, o, _cast(carry, S.dtype.element_ty), s, bh, scale, T, H, K, V, BC,
+                                       PREC, flag)
+            carry = _leave(carry, k_, v_, g2, PREC, S.dtype.element_ty)
 
 
 @triton.jit
@@ -286,12 +341,9 @@ def _decay_column(g2, t, s):
 
 
 @triton.jit
-def _attention_exact(pq, pk, m, g, n, bh, T, H, K: tl.constexpr, BT: tl.constexpr, scale):
-    """A [BT, BT] of one chunk without factorizing: a loop over key rows s, column s of A per step."""
+def _attention_exact(q_, k_, g2, BT: tl.constexpr):
+    """A [BT, BT] of one block without factorizing: a loop over key rows s, column s of A per step."""
     t = tl.arange(0, BT)
-    g2 = _log2_gates(g, n, bh, T, H, K, BT)
-    q_ = tl.load(pq, mask=m, other=0.).to(tl.float32) * scale  # [BT, K]
-    k_ = tl.load(pk, mask=m, other=0.).to(tl.float32)  # [BT, K]
     A = tl.zeros([BT, BT], dtype=tl.float32)
     for s in range(BT):
         e = _decay_column(g2, t, s)  # [BT, K]
@@ -301,108 +353,152 @@ def _attention_exact(pq, pk, m, g, n, bh, T, H, K: tl.constexpr, BT: tl.constexp
 
 
 @triton.jit
-def _bwd_tiles(q, k, v, g, do, n, bh, T, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
-    """What both backward kernels start a chunk with: its base-2 gates g2 and their cumulative sum b ([BT, K]), the
-    row index t, the row mask m and the pointers of its q, k ([BT, K]), v, do ([BT, V]) tiles."""
-    g2 = _log2_gates(g, n, bh, T, H, K, BT)
-    b = tl.cumsum(g2, axis=0)  # [BT, K]
-    pq, m = _tile(q, n, bh, T, H, K, BT)
-    pk, _ = _tile(k, n, bh, T, H, K, BT)
-    pv, _ = _tile(v, n, bh, T, H, V, BT)
+def _bwd_fast(q_, k_, v_, do_, g2, b, t, S_, Sn_, dS_, scale, PREC: tl.constexpr):
+    """Gradients of one block by the factorization. With qe = q 2^b, ke = k 2^-b, dS the gradient of the leaving
+    state and dS' = 2^b_L * dS (per row):
+        dq = (do S^T + dA ke) 2^b      dk = (v dS'^T + dA^T qe) 2^-b      dv = ke dS' + A^T do
+        dg = reverse cumsum over the block of (q dq - k dk) + rowsum(dS * S_next)."""
+    dt = v_.dtype
+    dA = _cast(tl.where(t[:, None] >= t[None, :], _dot(do_, tl.trans(v_), PREC), 0.), dt)  # [BT, BT]
+    eb, ebn = tl.exp2(b), tl.exp2(-b)  # [BT, K], bounded: this block is not flagged
+    qe, ke = _cast(q_ * eb, dt), _cast(k_ * ebn, dt)
+    dq_ = (_dot(do_, tl.trans(_cast(S_, dt)), PREC) + _dot(dA, ke, PREC)) * eb  # [BT, K]
+    dS32 = dS_.to(tl.float32)
+    dgS = tl.sum(dS32 * Sn_.to(tl.float32), axis=1)  # [K], S_next: the leaving state
+    dSl = _cast(dS32 * tl.exp2(tl.sum(g2, axis=0))[:, None], dt)
+    dk_ = (_dot(v_, tl.trans(dSl), PREC) + _dot(tl.trans(dA), qe, PREC)) * ebn  # [BT, K]
+    A = tl.where(t[:, None] >= t[None, :], _dot(qe, tl.trans(ke), PREC), 0.)  # [BT, BT]
+    dv_ = _dot(ke, dSl, PREC) + _dot(tl.trans(_cast(A, dt)), do_, PREC)  # [BT, V]
+    dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True) + dgS[None, :]
+    return dq_ * scale, dk_, dv_, dg_
+
+
+@triton.jit
+def _intra_loop(q_, k_, g2, dA, t, BT: tl.constexpr, K: tl.constexpr):
+    """A, and the intra-block dq, dk of dA (strictly causal), by a loop over key rows s: column s of A, dA and
+    exp2(b_i - b_s) per step."""
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    dq_ = tl.zeros([BT, K], dtype=tl.float32)
+    dk_ = tl.zeros([BT, K], dtype=tl.float32)
+    for s in range(BT):
+        e = _decay_column(g2, t, s)  # [BT, K]
+        k_s = tl.sum(tl.where(t[:, None] == s, k_, 0.), axis=0)  # [K]
+        dA_s = tl.sum(tl.where(t[None, :] == s, dA, 0.), axis=1)  # [BT], 0 at i = s
+        A = tl.where(t[None, :] == s, tl.sum(q_ * k_s[None, :] * e, axis=1)[:, None], A)
+        dq_ += dA_s[:, None] * k_s[None, :] * e
+        dk_ = tl.where(t[:, None] == s, tl.sum(dA_s[:, None] * q_ * e, axis=0)[None, :], dk_)
+    return A, dq_, dk_
+
+
+@triton.jit
+def _intra_factorized(q_, k_, b, dA, dt: tl.constexpr, PREC: tl.constexpr):
+    """The same three by the bounded factorization: qe = q 2^b, ke = k 2^-b (a block that is not flagged)."""
+    eb, ebn = tl.exp2(b), tl.exp2(-b)
+    qe, ke, dA_ = _cast(q_ * eb, dt), _cast(k_ * ebn, dt), _cast(dA, dt)
+    return _dot(qe, tl.trans(ke), PREC), _dot(dA_, ke, PREC) * eb, _dot(tl.trans(dA_), qe, PREC) * ebn
+
+
+@triton.jit
+def _bwd_exact(q_, k_, v_, do_, g2, b, t, S_, dS_, scale, LOOP, BT: tl.constexpr, K: tl.constexpr,
+               PREC: tl.constexpr):
+    """Gradients of one block with the formulas of the module docstring: every exponent <= 0, and dg summed only
+    over terms whose exponent contains g_t (no exp(0) terms added and then subtracted). The intra-block terms by
+    the loop (LOOP) or by the bounded factorization: the same sums, so dg keeps the diagonal terms apart either way."""
+    dt = v_.dtype
+    dA = tl.where(t[:, None] > t[None, :], _dot(do_, tl.trans(v_), PREC), 0.)  # [BT, BT] strictly causal
+    dAd = tl.sum(do_.to(tl.float32) * v_.to(tl.float32), axis=1)  # [BT] its diagonal, kept apart
+    if LOOP:
+        A, dq_, dk_ = _intra_loop(q_, k_, g2, dA, t, BT, K)
+    else:
+        A, dq_, dk_ = _intra_factorized(q_, k_, b, dA, dt, PREC)
+    A = tl.where(t[:, None] >= t[None, :], A, 0.)
+    el = tl.exp2(_suffix(g2))  # [BT, K]
+    dq_ += _dot(do_, tl.trans(_cast(S_, dt)), PREC) * tl.exp2(b)  # inter-block, through the entering state
+    dkl = _dot(v_, tl.trans(_cast(dS_, dt)), PREC) * el  # inter-block, through the leaving state
+    dv_ = _dot(tl.trans(_cast(A, dt)), do_, PREC)
+    dv_ += _dot(_cast(k_ * el, dt), _cast(dS_, dt), PREC)
+    # dg: suffix sums of the intra terms without the diagonal, the strict prefix sum of the leaving-state terms
+    # (a lower-triangular matmul: the j = t term is never added and then removed), the entering state's decay
+    dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True)
+    dg_ += _dot(tl.where(t[:, None] > t[None, :], 1., 0.), k_ * dkl, PREC)
+    dg_ += (tl.exp2(tl.sum(g2, axis=0)) * tl.sum(S_.to(tl.float32) * dS_.to(tl.float32), axis=1))[None, :]
+    return (dq_ + dAd[:, None] * k_) * scale, dk_ + dAd[:, None] * q_ + dkl, dv_, dg_
+
+
+@triton.jit
+def _bwd_block(q, k, v, g, do, dq, dk, dv, dg, S_, Sn_, dS_, n, bh, scale, T, H, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr, exact):
+    """Gradients of block n of BT rows of head bh, given the state entering it (S_), leaving it (Sn_) and the
+    gradient of the latter (dS_), all [K, V], in the compute dtype or fp32 (matmuls take them in the compute dtype,
+    sums in fp32). A chunk (SUB=False): the factorized formulas of _bwd_fast. A sub-chunk of a flagged chunk: those
+    of _bwd_exact, its intra-block terms by the loop if exact, else factorized."""
+    g2, b, m, q_, k_, v_ = _block_tiles(q, k, v, g, n, bh, scale, T, H, K, V, BT)
+    t = tl.arange(0, BT)
     pdo, _ = _tile(do, n, bh, T, H, V, BT)
-    return g2, b, tl.arange(0, BT), m, pq, pk, pv, pdo
+    do_ = tl.load(pdo, mask=m, other=0.)  # [BT, V]
+    if SUB:
+        dq_, dk_, dv_, dg_ = _bwd_exact(q_, k_, v_, do_, g2, b, t, S_, dS_, scale, exact, BT, K, PREC)
+    else:
+        dq_, dk_, dv_, dg_ = _bwd_fast(q_, k_, v_, do_, g2, b, t, S_, Sn_, dS_, scale, PREC)
+    pdq, _ = _tile(dq, n, bh, T, H, K, BT)
+    tl.store(pdq, _cast(dq_, dq.dtype.element_ty), mask=m)
+    pdk, _ = _tile(dk, n, bh, T, H, K, BT)
+    tl.store(pdk, _cast(dk_, dk.dtype.element_ty), mask=m)
+    pdv, _ = _tile(dv, n, bh, T, H, V, BT)
+    tl.store(pdv, _cast(dv_, dv.dtype.element_ty), mask=m)
+    pdg, _ = _tile(dg, n, bh, T, H, K, BT)
+    tl.store(pdg, _cast(dg_, dg.dtype.element_ty), mask=m)
+    return q_, do_, g2, b
 
 
 @triton.jit
 def _chunk_bwd_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, head) whose decay allows the factorization (the others: _chunk_bwd_exact_kernel). With
-    qe = q 2^b, ke = k 2^-b, dS the gradient of the leaving state and dS' = 2^b_L * dS (per row):
-        dq = (do S^T + dA ke) 2^b      dk = (v dS'^T + dA^T qe) 2^-b      dv = ke dS' + A^T do
-        dg = reverse cumsum over the chunk of (q dq - k dk) + rowsum(dS * S_next)."""
+    """Per (chunk, head) whose decay allows the factorization (the others: _chunk_bwd_sub_kernel)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     if tl.load(exact + bh * NT + n) == 0:
-        g2, b, t, m, pq, pk, pv, pdo = _bwd_tiles(q, k, v, g, do, n, bh, T, H, K, V, BT)
         kv = tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
         i = bh.to(tl.int64) * (NT + 1) + n
-        do_ = tl.load(pdo, mask=m, other=0.)  # [BT, V]
-        v_ = tl.load(pv, mask=m, other=0.)  # [BT, V]
-        dt = v_.dtype
-        dA = _cast(tl.where(t[:, None] >= t[None, :], _dot(do_, tl.trans(v_), PREC), 0.), dt)  # [BT, BT]
-        eb, ebn = tl.exp2(b), tl.exp2(-b)  # [BT, K], bounded: this chunk is not flagged
-        q_ = tl.load(pq, mask=m, other=0.).to(tl.float32) * scale  # [BT, K]
-        k_ = tl.load(pk, mask=m, other=0.).to(tl.float32)  # [BT, K]
-        qe, ke = _cast(q_ * eb, dt), _cast(k_ * ebn, dt)
-        dq_ = _dot(do_, tl.trans(tl.load(S + i * K * V + kv)), PREC)  # [BT, K]
-        dq_ = (dq_ + _dot(dA, ke, PREC)) * eb
-        dS_ = tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv).to(tl.float32)  # [K, V]
-        dgS = tl.sum(dS_ * tl.load(S + (i + 1) * K * V + kv).to(tl.float32), axis=1)  # [K], S_next: leaving state
-        dSl = _cast(dS_ * tl.exp2(tl.sum(g2, axis=0))[:, None], dt)
-        dk_ = _dot(v_, tl.trans(dSl), PREC)  # [BT, K]
-        dk_ = (dk_ + _dot(tl.trans(dA), qe, PREC)) * ebn
-        A = tl.where(t[:, None] >= t[None, :], _dot(qe, tl.trans(ke), PREC), 0.)  # [BT, BT]
-        dv_ = _dot(ke, dSl, PREC)  # [BT, V]
-        dv_ += _dot(tl.trans(_cast(A, dt)), do_, PREC)
-        dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True) + dgS[None, :]
-        pdq, _ = _tile(dq, n, bh, T, H, K, BT)
-        tl.store(pdq, _cast(dq_ * scale, dq.dtype.element_ty), mask=m)
-        pdk, _ = _tile(dk, n, bh, T, H, K, BT)
-        tl.store(pdk, _cast(dk_, dk.dtype.element_ty), mask=m)
-        pdv, _ = _tile(dv, n, bh, T, H, V, BT)
-        tl.store(pdv, _cast(dv_, dv.dtype.element_ty), mask=m)
-        pdg, _ = _tile(dg, n, bh, T, H, K, BT)
-        tl.store(pdg, _cast(dg_, dg.dtype.element_ty), mask=m)
+        _bwd_block(q, k, v, g, do, dq, dk, dv, dg, tl.load(S + i * K * V + kv), tl.load(S + (i + 1) * K * V + kv),
+                   tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv), n, bh, scale, T, H, K, V, BT, PREC, False,
+                   False)
 
 
 @triton.jit
-def _chunk_bwd_exact_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H, K: tl.constexpr,
-                            V: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
-    """The chunks _chunk_bwd_kernel skips, with the formulas of the module docstring: every exponent <= 0, and dg
-    summed only over terms whose exponent contains g_t (no exp(0) terms added and then subtracted)."""
+def _sub_state(k, v, g, S_, s, bh, T, H, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+               dt: tl.constexpr):
+    """The state after sub-chunk s (blocks of BC rows), fp32, from the state S_ entering it (fp32)."""
+    pk, m = _tile(k, s, bh, T, H, K, BC)
+    pv, _ = _tile(v, s, bh, T, H, V, BC)
+    return _leave(S_, tl.load(pk, mask=m, other=0.).to(tl.float32), tl.load(pv, mask=m, other=0.),
+                  _log2_gates(g, s, bh, T, H, K, BC), PREC, dt)
+
+
+@triton.jit
+def _chunk_bwd_sub_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H, K: tl.constexpr,
+                          V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+    """Per flagged (chunk, head): its sub-chunks from the last to the first, each with the state entering it
+    (recomputed from the chunk's: c steps of the recurrence), the state leaving it and the gradient of that, carried
+    backwards in registers as dS_{c-1} = 2^b_L,c * dS_c + (q * 2^b)_c^T do_c; factorized where bounded, else exact."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     if tl.load(exact + bh * NT + n) != 0:
-        g2, b, t, m, pq, pk, pv, pdo = _bwd_tiles(q, k, v, g, do, n, bh, T, H, K, V, BT)
-        q_ = tl.load(pq, mask=m, other=0.).to(tl.float32) * scale  # [BT, K]
-        k_ = tl.load(pk, mask=m, other=0.).to(tl.float32)  # [BT, K]
-        v_ = tl.load(pv, mask=m, other=0.)  # [BT, V]
-        do_ = tl.load(pdo, mask=m, other=0.)  # [BT, V]
-        dt = v_.dtype
-        dA = tl.where(t[:, None] > t[None, :], _dot(do_, tl.trans(v_), PREC), 0.)  # [BT, BT] strictly causal
-        dAd = tl.sum(do_.to(tl.float32) * v_.to(tl.float32), axis=1)  # [BT] its diagonal, kept apart
-        A = tl.zeros([BT, BT], dtype=tl.float32)
-        dq_ = tl.zeros([BT, K], dtype=tl.float32)
-        dk_ = tl.zeros([BT, K], dtype=tl.float32)
-        for s in range(BT):  # key row s: column s of A, dA and exp2(b_i - b_s)
-            e = _decay_column(g2, t, s)  # [BT, K]
-            k_s = tl.sum(tl.where(t[:, None] == s, k_, 0.), axis=0)  # [K]
-            dA_s = tl.sum(tl.where(t[None, :] == s, dA, 0.), axis=1)  # [BT], 0 at i = s
-            A = tl.where(t[None, :] == s, tl.sum(q_ * k_s[None, :] * e, axis=1)[:, None], A)
-            dq_ += dA_s[:, None] * k_s[None, :] * e
-            dk_ = tl.where(t[:, None] == s, tl.sum(dA_s[:, None] * q_ * e, axis=0)[None, :], dk_)
-        A = tl.where(t[:, None] >= t[None, :], A, 0.)
+        dt = S.dtype.element_ty
         kv = tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
-        S_ = tl.load(S + (bh.to(tl.int64) * (NT + 1) + n) * K * V + kv)  # [K, V] state entering the chunk
-        dS_ = tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv)  # [K, V] gradient of the state leaving it
-        el = tl.exp2(_suffix(g2))  # [BT, K]
-        dq_ += _dot(do_, tl.trans(S_), PREC) * tl.exp2(b)  # inter-chunk, through the entering state
-        dkl = _dot(v_, tl.trans(dS_), PREC) * el  # inter-chunk, through the leaving state
-        dv_ = _dot(tl.trans(_cast(A, dt)), do_, PREC)
-        dv_ += _dot(_cast(k_ * el, dt), dS_, PREC)
-        # dg: suffix sums of the intra terms without the diagonal, the strict prefix sum of the leaving-state terms
-        # (a lower-triangular matmul: the j = t term is never added and then removed), the entering state's decay
-        dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True)
-        dg_ += _dot(tl.where(t[:, None] > t[None, :], 1., 0.), k_ * dkl, PREC)
-        dg_ += (tl.exp2(tl.sum(g2, axis=0)) * tl.sum(S_.to(tl.float32) * dS_.to(tl.float32), axis=1))[None, :]
-        pdq, _ = _tile(dq, n, bh, T, H, K, BT)
-        tl.store(pdq, _cast((dq_ + dAd[:, None] * k_) * scale, dq.dtype.element_ty), mask=m)
-        pdk, _ = _tile(dk, n, bh, T, H, K, BT)
-        tl.store(pdk, _cast(dk_ + dAd[:, None] * q_ + dkl, dk.dtype.element_ty), mask=m)
-        pdv, _ = _tile(dv, n, bh, T, H, V, BT)
-        tl.store(pdv, _cast(dv_, dv.dtype.element_ty), mask=m)
-        pdg, _ = _tile(dg, n, bh, T, H, K, BT)
-        tl.store(pdg, _cast(dg_, dg.dtype.element_ty), mask=m)
+        S0 = tl.load(S + (bh.to(tl.int64) * (NT + 1) + n) * K * V + kv).to(tl.float32)
+        dSc = tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv).to(tl.float32)
+        for cc in tl.static_range(BT // BC):
+            c = BT // BC - 1 - cc
+            Sc = S0
+            for j in range(c):
+                Sc = _sub_state(k, v, g, Sc, n * (BT // BC) + j, bh, T, H, K, V, BC, PREC, dt)
+            s = n * (BT // BC) + c
+            Sn = _sub_state(k, v, g, Sc, s, bh, T, H, K, V, BC, PREC, dt)
+            flag = _strong(g, s, bh, T, H, K, BC, FAST)
+            q_, do_, g2, b = _bwd_block(q, k, v, g, do, dq, dk, dv, dg, Sc, Sn, dSc, s, bh, scale, T, H, K, V, BC,
+                                        PREC, True, flag)
+            dSc = tl.exp2(tl.sum(g2, axis=0))[:, None] * dSc + _dot(tl.trans(_cast(q_ * tl.exp2(b), dt)), do_, PREC)
 
 
 # ----------------------------------------------------------------------------- launchers and autograd
@@ -462,10 +558,11 @@ class ChunkGLAFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         S, exact, ht = _states(q, k, v, g, scale, h0)
         o = torch.empty_like(v)
-        for path in (0, 1):
-            _chunk_output_kernel[(triton.cdiv(T, BT), B * H)](
-                q, k, v, g, S, exact, o, scale, T, H, K=K, V=v.shape[-1], BT=BT, PREC=_precision(v)["PREC"],
-                EXACT=path, num_warps=_warps("out", K, v.shape[-1]))
+        grid, V, p = (triton.cdiv(T, BT), B * H), v.shape[-1], _precision(v)
+        _chunk_output_kernel[grid](q, k, v, g, S, exact, o, scale, T, H, K=K, V=V, BT=BT, PREC=p["PREC"],
+                                   num_warps=_warps("out", K, V))
+        _chunk_output_sub_kernel[grid](q, k, v, g, S, exact, o, scale, T, H, K=K, V=V, BT=BT, BC=BC, **p,
+                                       num_warps=_warps("out", K, V))
         ctx.save_for_backward(q, k, v, g, h0)
         ctx.scale = scale
         ctx.set_materialize_grads(False)
@@ -478,10 +575,10 @@ class ChunkGLAFunction(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.contiguous()
         S, exact, _, dS, dh0 = _states(q, k, v, g, ctx.scale, h0, do, None if dht is None else dht.contiguous())
         dq, dk, dv, dg = (torch.empty_like(x) for x in (q, k, v, g))
-        for kernel in (_chunk_bwd_kernel, _chunk_bwd_exact_kernel):
-            kernel[(triton.cdiv(T, BT), B * H)](q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, ctx.scale, T, H, K=K,
-                                                V=v.shape[-1], BT=BT, PREC=_precision(v)["PREC"],
-                                                num_warps=_warps("bwd", K, v.shape[-1]))
+        grid, V, p = (triton.cdiv(T, BT), B * H), v.shape[-1], _precision(v)
+        args = (q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, ctx.scale, T, H)
+        _chunk_bwd_kernel[grid](*args, K=K, V=V, BT=BT, PREC=p["PREC"], num_warps=_warps("bwd", K, V))
+        _chunk_bwd_sub_kernel[grid](*args, K=K, V=V, BT=BT, BC=BC, **p, num_warps=_warps("bwd", K, V))
         return dq, dk, dv, dg, None, (dh0 if h0 is not None else None)
 
 
@@ -519,6 +616,20 @@ class BenchConfig:
     shapes: str = "all"             # all | small (the first four of SHAPES) | indices into SHAPES, e.g. 4,5,6
     json: str = ""                  # also write the table to this JSON file
     fla: bool = True                # time flash-linear-attention's chunk_gla beside ours (when importable)
+    gates: str = "model"            # model: logsigmoid(randn)/16 | trained: a quarter of the key channels decay 0.5
+                                    # to 2.5 per step, as a trained student's fast channels (every chunk past 2^-64)
+
+    def __post_init__(self):
+        if self.gates not in ("model", "trained"):
+            raise SystemExit(f"--gates={self.gates}: expected model or trained")
+
+
+def bench_gates(kind, B, T, H, D, device="cuda"):
+    """The benchmark's log-gates [B, T, H, D] (bf16): the model's at initialization, or trained-like ones."""
+    g = F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 16
+    if kind == "trained":
+        g[..., : D // 4] = -0.5 - 2 * torch.rand(B, T, H, D // 4, device=device)
+    return g.bfloat16()
 
 
 def _bench_shapes(spec):
@@ -561,7 +672,7 @@ def main(argv):
             print("flash-linear-attention not importable: its columns are n/a")
     bw = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s; ms (do_bench median), bf16, gates logsigmoid(randn)/16")
+          f"copy bandwidth {bw / 1e12:.2f} TB/s; ms (do_bench median), bf16, gates {cfg.gates} (bench_gates)")
     cols = ["B", "T", "H", "D", "ours_fwd", "ours_fb", "fla_fwd", "fla_fb", "sdpa_fwd", "sdpa_fb", "ratio_fwd",
             "ratio_fb", "floor_fwd"]
     print(" ".join(f"{c:>9}" for c in cols))
@@ -570,7 +681,7 @@ def main(argv):
         row = dict(B=B, T=T, H=H, D=D)
         try:
             q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            g = (F.logsigmoid(torch.randn(B, T, H, D, device="cuda")) / 16).bfloat16()
+            g = bench_gates(cfg.gates, B, T, H, D)
             do = torch.randn_like(v)
             row["ours_fwd"], row["ours_fb"] = _bench_one(lambda *x: chunk_gla(*x)[0], (q, k, v, g), do)
             if fla is not None:

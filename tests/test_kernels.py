@@ -1,6 +1,6 @@
 """kernels.py against the token-by-token fp32 recurrence (gla_recurrent_ref): output, final state and every
 gradient (q, k, v, g, initial state) of the Triton path and of the PyTorch chunked path, at odd lengths, K != V,
-gates 0, -20 per step and mixed, with and without an initial state; gla_step against the chunked form.
+gates 0, -20 per step, mixed and steady (-0.5 to -2.5), with and without an initial state; gla_step against the chunked form.
 
 The Triton path runs on CPU in triton's interpreter, which has to be on (TRITON_INTERPRET=1) before triton is first
 imported, and must not leak into the other test modules (their CPU calls should take the fast PyTorch path). So,
@@ -34,6 +34,9 @@ def gates(regime, B, T, H, K, gen):
     if regime == "mixed":  # per element: no decay, or anything down to about -20
         strong = F.logsigmoid(torch.randn(B, T, H, K, generator=gen) * 4) * 5
         return torch.where(torch.rand(B, T, H, K, generator=gen) < 0.5, torch.zeros(B, T, H, K), strong)
+    if regime == "steady":  # -0.5 to -2.5 per step, as a trained student's fast channels: every chunk decays past
+        # 2^-64 (the sub-chunk path), but no sub-chunk of 16 does (its factorized form)
+        return -0.5 - 2 * torch.rand(B, T, H, K, generator=gen)
     if regime == "ramp":  # mild for two chunks (factorized path), then -20 per step (exact path)
         return torch.where(torch.arange(T)[None, :, None, None] < 128, -0.01, -20.0).expand(B, T, H, K).clone()
     return F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) / 16  # the model's gates
@@ -54,7 +57,15 @@ def check_against_reference(fn, T, K, V, regime, h0, dtype):
     xs, h, do, dht = make(T, K, V, regime, h0, dtype)
     ref = outputs_and_grads(kernels.gla_recurrent_ref, [x.float() for x in xs], h, do, dht)
     got = outputs_and_grads(fn, xs, h, do, dht)
-    assert_matches(got, ref, NAMES, TOL[dtype])
+    if regime == "steady" and dtype == torch.bfloat16:
+        # dg of every gate decaying 0.5-2.5 per step sums terms that cancel to ~10x below their size, each carrying
+        # the bf16 rounding of the chunk states: 1.1-1.4e-2 for the Triton kernel (the exact loop before the sub-chunks
+        # had 1.35e-2), 2.2e-3 for fp32 math on the same bf16 inputs. The other tensors keep the bf16 bound
+        tol = {"dg": 2e-2}
+    else:
+        tol = {}
+    for name, a, b in zip(NAMES, got, ref):
+        assert_matches([a], [b], [name], tol.get(name, TOL[dtype]))
 
 
 # T in {1, 17, 64, 100, 300}; K, V in {16, 64}, K != V, 60 and 100 (zero-padded by chunk_gla); regimes; with/without
@@ -67,6 +78,8 @@ CASES = [
     (100, 64, 16, "neg20", True, torch.float32),
     (300, 16, 16, "ramp", True, torch.float32),
     (300, 16, 16, "model", False, torch.float32),
+    (150, 16, 32, "steady", True, torch.float32),
+    (200, 64, 16, "steady", True, torch.bfloat16),
     (100, 64, 64, "model", True, torch.bfloat16),
     (300, 16, 16, "mixed", True, torch.bfloat16),
     (17, 64, 64, "neg20", False, torch.bfloat16),
@@ -160,3 +173,14 @@ def test_bench_shapes_flag():  # kernels.py --shapes=...: parsed before any GPU 
     for argv in (["--shapes"], ["--json"], ["--no-fla"], ["--shape=1"], ["--fla=maybe"]):  # bad flags: no GPU work
         with pytest.raises(SystemExit, match=r"expected --key=value|unknown key|takes true or false"):
             kernels.main(argv)
+
+
+def test_bench_gates():  # --gates=trained must time the sub-chunk path: every chunk flagged, its sub-chunks factorized
+    g2 = kernels.bench_gates("trained", 2, 256, 3, 64, device="cpu").float() * 1.4426950408889634  # base 2
+    chunks = g2.view(2, 4, 64, 3, 64)
+    assert (chunks.sum(2).amin(-1) < kernels._precision(g2.bfloat16())["FAST"]).all()  # each chunk, some channel
+    assert g2.min() >= kernels._precision(g2.bfloat16())["FAST"] / kernels.BC  # no sub-chunk takes the loop
+    mild = kernels.bench_gates("model", 2, 256, 3, 64, device="cpu").float() * 1.4426950408889634
+    assert (mild.view(2, 4, 64, 3, 64).sum(2) > -64).all()  # the model's initial gates: the chunk form
+    with pytest.raises(SystemExit, match="--gates=fast: expected model or trained"):
+        kernels.main(["--gates=fast"])
