@@ -48,11 +48,12 @@ d(initial_state). Then per chunk, with dA_ij = do_i . v_j for i >= j:
     dv_j = scale sum_{i>=j} A_ij do_i + (k_j * exp(b_L - b_j)) dS
 
 g_t enters b_i for every i >= t of its chunk, so dg_t = sum_{i>=t} dL/db_i, with dL/db_i = q_i dq_i - k_i dk_i, plus
-rowsum(dS * S_next) at i = L (every term of S_next carries exp(b_L)). _chunk_bwd_kernel does exactly that. But this
-sum counts every term exp(b_i - b_j) once with + and once with -; the i = j terms, exp(0) = 1, cancel only up to
-rounding, noise of size |q k dA| where under strong decay the true dg is exp(-20) smaller. So the sub-chunks of a
-flagged chunk (_chunk_bwd_sub_kernel, through _bwd_exact) sum only the terms whose exponent contains g_t, whether
-their intra-block terms come from the loop or the factorization:
+rowsum(dS * S_next) at i = L (every term of S_next carries exp(b_L)). But this sum counts every term exp(b_i - b_j)
+once with + and once with -: the i = j terms, exp(0) = 1, cancel only up to rounding, noise of size |q k dA| where
+under strong decay the true dg is exp(-20) smaller, and the leaving state's terms cancel against rowsum(dS * S_next)
+the same way (with bf16 inputs and gates of a few tenths per step that left dg 2-7% off). So every block, a chunk
+(_chunk_bwd_kernel) or a sub-chunk of a flagged one (_chunk_bwd_sub_kernel), sums only the terms whose exponent
+contains g_t (_bwd_block), its intra-block terms from the factorization or, where that is not bounded, the loop:
 
     dg_t = sum_{i>=t} q_i (dq_i - dA_ii k_i) - sum_{j>=t} k_j (dk_j^intra - dA_jj q_j) + sum_{j<t} k_j dk_j^inter
            + exp(b_L) * rowsum(S * dS)
@@ -353,27 +354,6 @@ def _attention_exact(q_, k_, g2, BT: tl.constexpr):
 
 
 @triton.jit
-def _bwd_fast(q_, k_, v_, do_, g2, b, t, S_, Sn_, dS_, scale, PREC: tl.constexpr):
-    """Gradients of one block by the factorization. With qe = q 2^b, ke = k 2^-b, dS the gradient of the leaving
-    state and dS' = 2^b_L * dS (per row):
-        dq = (do S^T + dA ke) 2^b      dk = (v dS'^T + dA^T qe) 2^-b      dv = ke dS' + A^T do
-        dg = reverse cumsum over the block of (q dq - k dk) + rowsum(dS * S_next)."""
-    dt = v_.dtype
-    dA = _cast(tl.where(t[:, None] >= t[None, :], _dot(do_, tl.trans(v_), PREC), 0.), dt)  # [BT, BT]
-    eb, ebn = tl.exp2(b), tl.exp2(-b)  # [BT, K], bounded: this block is not flagged
-    qe, ke = _cast(q_ * eb, dt), _cast(k_ * ebn, dt)
-    dq_ = (_dot(do_, tl.trans(_cast(S_, dt)), PREC) + _dot(dA, ke, PREC)) * eb  # [BT, K]
-    dS32 = dS_.to(tl.float32)
-    dgS = tl.sum(dS32 * Sn_.to(tl.float32), axis=1)  # [K], S_next: the leaving state
-    dSl = _cast(dS32 * tl.exp2(tl.sum(g2, axis=0))[:, None], dt)
-    dk_ = (_dot(v_, tl.trans(dSl), PREC) + _dot(tl.trans(dA), qe, PREC)) * ebn  # [BT, K]
-    A = tl.where(t[:, None] >= t[None, :], _dot(qe, tl.trans(ke), PREC), 0.)  # [BT, BT]
-    dv_ = _dot(ke, dSl, PREC) + _dot(tl.trans(_cast(A, dt)), do_, PREC)  # [BT, V]
-    dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True) + dgS[None, :]
-    return dq_ * scale, dk_, dv_, dg_
-
-
-@triton.jit
 def _intra_loop(q_, k_, g2, dA, t, BT: tl.constexpr, K: tl.constexpr):
     """A, and the intra-block dq, dk of dA (strictly causal), by a loop over key rows s: column s of A, dA and
     exp2(b_i - b_s) per step."""
@@ -399,55 +379,43 @@ def _intra_factorized(q_, k_, b, dA, dt: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_exact(q_, k_, v_, do_, g2, b, t, S_, dS_, scale, LOOP, BT: tl.constexpr, K: tl.constexpr,
-               PREC: tl.constexpr):
-    """Gradients of one block with the formulas of the module docstring: every exponent <= 0, and dg summed only
-    over terms whose exponent contains g_t (no exp(0) terms added and then subtracted). The intra-block terms by
-    the loop (LOOP) or by the bounded factorization: the same sums, so dg keeps the diagonal terms apart either way."""
-    dt = v_.dtype
-    dA = tl.where(t[:, None] > t[None, :], _dot(do_, tl.trans(v_), PREC), 0.)  # [BT, BT] strictly causal
-    dAd = tl.sum(do_.to(tl.float32) * v_.to(tl.float32), axis=1)  # [BT] its diagonal, kept apart
-    if LOOP:
-        A, dq_, dk_ = _intra_loop(q_, k_, g2, dA, t, BT, K)
-    else:
-        A, dq_, dk_ = _intra_factorized(q_, k_, b, dA, dt, PREC)
-    A = tl.where(t[:, None] >= t[None, :], A, 0.)
-    el = tl.exp2(_suffix(g2))  # [BT, K]
-    dq_ += _dot(do_, tl.trans(_cast(S_, dt)), PREC) * tl.exp2(b)  # inter-block, through the entering state
-    dkl = _dot(v_, tl.trans(_cast(dS_, dt)), PREC) * el  # inter-block, through the leaving state
-    dv_ = _dot(tl.trans(_cast(A, dt)), do_, PREC)
-    dv_ += _dot(_cast(k_ * el, dt), _cast(dS_, dt), PREC)
-    # dg: suffix sums of the intra terms without the diagonal, the strict prefix sum of the leaving-state terms
-    # (a lower-triangular matmul: the j = t term is never added and then removed), the entering state's decay
-    dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True)
-    dg_ += _dot(tl.where(t[:, None] > t[None, :], 1., 0.), k_ * dkl, PREC)
-    dg_ += (tl.exp2(tl.sum(g2, axis=0)) * tl.sum(S_.to(tl.float32) * dS_.to(tl.float32), axis=1))[None, :]
-    return (dq_ + dAd[:, None] * k_) * scale, dk_ + dAd[:, None] * q_ + dkl, dv_, dg_
-
-
-@triton.jit
-def _bwd_block(q, k, v, g, do, dq, dk, dv, dg, S_, Sn_, dS_, n, bh, scale, T, H, K: tl.constexpr, V: tl.constexpr,
-               BT: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr, exact):
-    """Gradients of block n of BT rows of head bh, given the state entering it (S_), leaving it (Sn_) and the
-    gradient of the latter (dS_), all [K, V], in the compute dtype or fp32 (matmuls take them in the compute dtype,
-    sums in fp32). A chunk (SUB=False): the factorized formulas of _bwd_fast. A sub-chunk of a flagged chunk: those
-    of _bwd_exact, its intra-block terms by the loop if exact, else factorized."""
+def _bwd_block(q, k, v, g, do, dq, dk, dv, dg, S_, dS_, n, bh, scale, T, H, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, PREC: tl.constexpr, exact):
+    """Gradients of block n of BT rows (a chunk, or a sub-chunk of a flagged one) of head bh, given the state
+    entering it (S_) and the gradient of the state leaving it (dS_), [K, V], in the compute dtype or fp32 (matmuls
+    take them in the compute dtype, sums in fp32), with the formulas of the module docstring: every exponent <= 0,
+    and dg summed only over terms whose exponent contains g_t (no exp(0) terms added and then subtracted). The
+    intra-block terms by the loop if exact, else by the bounded factorization: the same sums either way. Each
+    gradient is stored as soon as it is complete (fewer tiles alive at once: fewer register spills)."""
     g2, b, m, q_, k_, v_ = _block_tiles(q, k, v, g, n, bh, scale, T, H, K, V, BT)
     t = tl.arange(0, BT)
     pdo, _ = _tile(do, n, bh, T, H, V, BT)
     do_ = tl.load(pdo, mask=m, other=0.)  # [BT, V]
-    if SUB:
-        dq_, dk_, dv_, dg_ = _bwd_exact(q_, k_, v_, do_, g2, b, t, S_, dS_, scale, exact, BT, K, PREC)
+    dt = v_.dtype
+    dA = tl.where(t[:, None] > t[None, :], _dot(do_, tl.trans(v_), PREC), 0.)  # [BT, BT] strictly causal
+    dAd = tl.sum(do_.to(tl.float32) * v_.to(tl.float32), axis=1)  # [BT] its diagonal, kept apart
+    if exact:
+        A, dq_, dk_ = _intra_loop(q_, k_, g2, dA, t, BT, K)
     else:
-        dq_, dk_, dv_, dg_ = _bwd_fast(q_, k_, v_, do_, g2, b, t, S_, Sn_, dS_, scale, PREC)
-    pdq, _ = _tile(dq, n, bh, T, H, K, BT)
-    tl.store(pdq, _cast(dq_, dq.dtype.element_ty), mask=m)
-    pdk, _ = _tile(dk, n, bh, T, H, K, BT)
-    tl.store(pdk, _cast(dk_, dk.dtype.element_ty), mask=m)
+        A, dq_, dk_ = _intra_factorized(q_, k_, b, dA, dt, PREC)
+    el = tl.exp2(_suffix(g2))  # [BT, K]
+    dSd = _cast(dS_, dt)
     pdv, _ = _tile(dv, n, bh, T, H, V, BT)
-    tl.store(pdv, _cast(dv_, dv.dtype.element_ty), mask=m)
+    dv_ = _dot(tl.trans(_cast(tl.where(t[:, None] >= t[None, :], A, 0.), dt)), do_, PREC)
+    tl.store(pdv, _cast(dv_ + _dot(_cast(k_ * el, dt), dSd, PREC), dv.dtype.element_ty), mask=m)
+    dq_ += _dot(do_, tl.trans(_cast(S_, dt)), PREC) * tl.exp2(b)  # inter-block, through the entering state
+    # dg: suffix sums of the intra terms without the diagonal, the strict prefix sum of the leaving-state terms
+    # (a lower-triangular matmul: the j = t term is never added and then removed), the entering state's decay
+    dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True)
+    pdq, _ = _tile(dq, n, bh, T, H, K, BT)
+    tl.store(pdq, _cast((dq_ + dAd[:, None] * k_) * scale, dq.dtype.element_ty), mask=m)
+    dkl = _dot(v_, tl.trans(dSd), PREC) * el  # inter-block, through the leaving state
+    dg_ += _dot(tl.where(t[:, None] > t[None, :], 1., 0.), k_ * dkl, PREC)
+    dg_ += (tl.exp2(tl.sum(g2, axis=0)) * tl.sum(S_.to(tl.float32) * dS_.to(tl.float32), axis=1))[None, :]
     pdg, _ = _tile(dg, n, bh, T, H, K, BT)
     tl.store(pdg, _cast(dg_, dg.dtype.element_ty), mask=m)
+    pdk, _ = _tile(dk, n, bh, T, H, K, BT)
+    tl.store(pdk, _cast(dk_ + dAd[:, None] * q_ + dkl, dk.dtype.element_ty), mask=m)
     return q_, do_, g2, b
 
 
@@ -459,10 +427,8 @@ def _chunk_bwd_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H,
     NT = tl.cdiv(T, BT)
     if tl.load(exact + bh * NT + n) == 0:
         kv = tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
-        i = bh.to(tl.int64) * (NT + 1) + n
-        _bwd_block(q, k, v, g, do, dq, dk, dv, dg, tl.load(S + i * K * V + kv), tl.load(S + (i + 1) * K * V + kv),
-                   tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv), n, bh, scale, T, H, K, V, BT, PREC, False,
-                   False)
+        _bwd_block(q, k, v, g, do, dq, dk, dv, dg, tl.load(S + (bh.to(tl.int64) * (NT + 1) + n) * K * V + kv),
+                   tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv), n, bh, scale, T, H, K, V, BT, PREC, False)
 
 
 @triton.jit
@@ -479,7 +445,7 @@ def _sub_state(k, v, g, S_, s, bh, T, H, K: tl.constexpr, V: tl.constexpr, BC: t
 def _chunk_bwd_sub_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H, K: tl.constexpr,
                           V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
     """Per flagged (chunk, head): its sub-chunks from the last to the first, each with the state entering it
-    (recomputed from the chunk's: c steps of the recurrence), the state leaving it and the gradient of that, carried
+    (recomputed from the chunk's: c steps of the recurrence) and the gradient of the state leaving it, carried
     backwards in registers as dS_{c-1} = 2^b_L,c * dS_c + (q * 2^b)_c^T do_c; factorized where bounded, else exact."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
@@ -494,10 +460,8 @@ def _chunk_bwd_sub_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T
             for j in range(c):
                 Sc = _sub_state(k, v, g, Sc, n * (BT // BC) + j, bh, T, H, K, V, BC, PREC, dt)
             s = n * (BT // BC) + c
-            Sn = _sub_state(k, v, g, Sc, s, bh, T, H, K, V, BC, PREC, dt)
-            flag = _strong(g, s, bh, T, H, K, BC, FAST)
-            q_, do_, g2, b = _bwd_block(q, k, v, g, do, dq, dk, dv, dg, Sc, Sn, dSc, s, bh, scale, T, H, K, V, BC,
-                                        PREC, True, flag)
+            q_, do_, g2, b = _bwd_block(q, k, v, g, do, dq, dk, dv, dg, Sc, dSc, s, bh, scale, T, H, K, V, BC, PREC,
+                                        _strong(g, s, bh, T, H, K, BC, FAST))
             dSc = tl.exp2(tl.sum(g2, axis=0))[:, None] * dSc + _dot(tl.trans(_cast(q_ * tl.exp2(b), dt)), do_, PREC)
 
 
@@ -512,13 +476,21 @@ def _precision(v):
 # Launch configurations, fixed (no autotuning): num_warps per kernel for small (K * V <= 64 * 64) and large states,
 # and the scan's tile of SCAN_ELEMS state elements x SCAN_U chunks. Measured on an H100: 4 warps beat 8 wherever the
 # registers allow it (more programs per SM hide more latency); the backward at K = V = 128 spills less with 8. The
-# scan runs one warp per program, so that the U chunks of a tile sit in each thread's registers.
+# scan runs one warp per program, so that the U chunks of a tile sit in each thread's registers. fp32 at K = V = 128:
+# _sub_only.
 WARPS = {"state": (4, 4), "out": (4, 4), "bwd": (4, 8), "scan": (1, 1)}
 SCAN_ELEMS, SCAN_U = 256, 8
 
 
 def _warps(kind, K, V):
     return WARPS[kind][K * V > 64 * 64]
+
+
+def _sub_only(K, v):
+    """fp32 at K = V = 128 takes the sub-chunk path for every chunk: there the chunk-form backward asks for 278528 B
+    of shared memory (compiled for sm_90), more than an H100 or H200 has (232448 B); the sub-chunk backward, with
+    one pipeline stage, 230400 B. Its loops are slower, but fp32 at that size is for tests and fp16 inputs."""
+    return v.dtype == torch.float32 and K * v.shape[-1] > 64 * 128
 
 
 def _states(q, k, v, g, scale, h0, do=None, dht=None):
@@ -531,8 +503,10 @@ def _states(q, k, v, g, scale, h0, do=None, dht=None):
     dX = torch.empty_like(X) if do is not None else X
     bLs = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
     exact = torch.empty(B * H, NT, device=dev, dtype=torch.int8)
+    p = _precision(v)
     _local_state_kernel[(NT, B * H)](q, k, v, g, v if do is None else do, X, dX, bLs, exact, scale, T, H, K=K, V=V,
-                                     BT=BT, WITH_DO=do is not None, **_precision(v), num_warps=_warps("state", K, V))
+                                     BT=BT, WITH_DO=do is not None, PREC=p["PREC"],
+                                     FAST=1e30 if _sub_only(K, v) else p["FAST"], num_warps=_warps("state", K, V))
     S = torch.empty(B * H, NT + 1, K, V, device=dev, dtype=v.dtype)
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
     R = max(1, min(K, SCAN_ELEMS // V))  # state rows per program
@@ -559,8 +533,9 @@ class ChunkGLAFunction(torch.autograd.Function):
         S, exact, ht = _states(q, k, v, g, scale, h0)
         o = torch.empty_like(v)
         grid, V, p = (triton.cdiv(T, BT), B * H), v.shape[-1], _precision(v)
-        _chunk_output_kernel[grid](q, k, v, g, S, exact, o, scale, T, H, K=K, V=V, BT=BT, PREC=p["PREC"],
-                                   num_warps=_warps("out", K, V))
+        if not _sub_only(K, v):
+            _chunk_output_kernel[grid](q, k, v, g, S, exact, o, scale, T, H, K=K, V=V, BT=BT, PREC=p["PREC"],
+                                       num_warps=_warps("out", K, V))
         _chunk_output_sub_kernel[grid](q, k, v, g, S, exact, o, scale, T, H, K=K, V=V, BT=BT, BC=BC, **p,
                                        num_warps=_warps("out", K, V))
         ctx.save_for_backward(q, k, v, g, h0)
@@ -577,8 +552,10 @@ class ChunkGLAFunction(torch.autograd.Function):
         dq, dk, dv, dg = (torch.empty_like(x) for x in (q, k, v, g))
         grid, V, p = (triton.cdiv(T, BT), B * H), v.shape[-1], _precision(v)
         args = (q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, ctx.scale, T, H)
-        _chunk_bwd_kernel[grid](*args, K=K, V=V, BT=BT, PREC=p["PREC"], num_warps=_warps("bwd", K, V))
-        _chunk_bwd_sub_kernel[grid](*args, K=K, V=V, BT=BT, BC=BC, **p, num_warps=_warps("bwd", K, V))
+        if not _sub_only(K, v):
+            _chunk_bwd_kernel[grid](*args, K=K, V=V, BT=BT, PREC=p["PREC"], num_warps=_warps("bwd", K, V))
+        _chunk_bwd_sub_kernel[grid](*args, K=K, V=V, BT=BT, BC=BC, **p, num_warps=_warps("bwd", K, V),
+                                    num_stages=1 if _sub_only(K, v) else 3)
         return dq, dk, dv, dg, None, (dh0 if h0 is not None else None)
 
 
@@ -654,7 +631,7 @@ def _bench_one(fn, inputs, do):
         xs = [x.detach().requires_grad_() for x in inputs]
         fb = do_bench(lambda: fn(*xs).backward(do), grad_to_none=xs, return_mode="median")
     except Exception as e:  # a shape that does not fit must not end the table
-        print(f"  ({type(e).__name__}: {str(e)[:100]})")
+        print(f"  ({type(e).__name__}: {str(e)[:400]})")
     finally:
         torch.cuda.empty_cache()
     return fwd, fb

@@ -86,7 +86,8 @@ def main(cfg):
         tasks = list(teacher["recall"]["by_task"])   # where the recall is lost: per task, over the lengths
         task_row = lambda label, m: f"| {label} | " + " | ".join(  # noqa: E731
             f"{m['recall']['by_task'].get(t, float('nan')):.2f}" for t in tasks) + " |"
-        by_task = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|", task_row("teacher", teacher)]
+        by_task = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
+                   task_row("teacher", teacher)]
         for (student, name), models in sorted(evals.items()):
             final = next((m for label, m in models.items() if label.startswith("finetune")), None)
             if final is None:
