@@ -278,11 +278,11 @@ def _output_block(q, k, v, g, o, S_, n, bh, scale, T, H, K: tl.constexpr, V: tl.
     qe = q_ * tl.exp2(b)
     dt = S_.dtype
     acc = _dot(_cast(qe, dt), S_, PREC)  # [BT, V] through the entering state
+    t = tl.arange(0, BT)
     if EXACT:
-        A = _attention_exact(q_, k_, g2, BT)
+        A, _, _ = _intra_loop(q_, k_, g2, 0., t, BT, K, False)
     else:  # bounded factorization
         A = _dot(_cast(qe, dt), tl.trans(_cast(k_ * tl.exp2(-b), dt)), PREC)
-    t = tl.arange(0, BT)
     A = tl.where(t[:, None] >= t[None, :], A, 0.)
     acc += _dot(_cast(A, dt), v_, PREC)  # [BT, BT] @ [BT, V]
     po, _ = _tile(o, n, bh, T, H, V, BT)
@@ -342,31 +342,20 @@ def _decay_column(g2, t, s):
 
 
 @triton.jit
-def _attention_exact(q_, k_, g2, BT: tl.constexpr):
-    """A [BT, BT] of one block without factorizing: a loop over key rows s, column s of A per step."""
-    t = tl.arange(0, BT)
-    A = tl.zeros([BT, BT], dtype=tl.float32)
-    for s in range(BT):
-        e = _decay_column(g2, t, s)  # [BT, K]
-        k_s = tl.sum(tl.where(t[:, None] == s, k_, 0.), axis=0)  # [K] row s: a masked sum, registers have no index
-        A = tl.where(t[None, :] == s, tl.sum(q_ * k_s[None, :] * e, axis=1)[:, None], A)
-    return A
-
-
-@triton.jit
-def _intra_loop(q_, k_, g2, dA, t, BT: tl.constexpr, K: tl.constexpr):
-    """A, and the intra-block dq, dk of dA (strictly causal), by a loop over key rows s: column s of A, dA and
-    exp2(b_i - b_s) per step."""
+def _intra_loop(q_, k_, g2, dA, t, BT: tl.constexpr, K: tl.constexpr, GRAD: tl.constexpr):
+    """A of one block without factorizing, by a loop over key rows s (column s of A and exp2(b_i - b_s) per step);
+    with GRAD also its intra-block dq, dk from dA (strictly causal)."""
     A = tl.zeros([BT, BT], dtype=tl.float32)
     dq_ = tl.zeros([BT, K], dtype=tl.float32)
     dk_ = tl.zeros([BT, K], dtype=tl.float32)
     for s in range(BT):
         e = _decay_column(g2, t, s)  # [BT, K]
-        k_s = tl.sum(tl.where(t[:, None] == s, k_, 0.), axis=0)  # [K]
-        dA_s = tl.sum(tl.where(t[None, :] == s, dA, 0.), axis=1)  # [BT], 0 at i = s
+        k_s = tl.sum(tl.where(t[:, None] == s, k_, 0.), axis=0)  # [K] row s: a masked sum, registers have no index
         A = tl.where(t[None, :] == s, tl.sum(q_ * k_s[None, :] * e, axis=1)[:, None], A)
-        dq_ += dA_s[:, None] * k_s[None, :] * e
-        dk_ = tl.where(t[:, None] == s, tl.sum(dA_s[:, None] * q_ * e, axis=0)[None, :], dk_)
+        if GRAD:
+            dA_s = tl.sum(tl.where(t[None, :] == s, dA, 0.), axis=1)  # [BT], 0 at i = s
+            dq_ += dA_s[:, None] * k_s[None, :] * e
+            dk_ = tl.where(t[:, None] == s, tl.sum(dA_s[:, None] * q_ * e, axis=0)[None, :], dk_)
     return A, dq_, dk_
 
 
@@ -395,7 +384,7 @@ def _bwd_block(q, k, v, g, do, dq, dk, dv, dg, S_, dS_, n, bh, scale, T, H, K: t
     dA = tl.where(t[:, None] > t[None, :], _dot(do_, tl.trans(v_), PREC), 0.)  # [BT, BT] strictly causal
     dAd = tl.sum(do_.to(tl.float32) * v_.to(tl.float32), axis=1)  # [BT] its diagonal, kept apart
     if exact:
-        A, dq_, dk_ = _intra_loop(q_, k_, g2, dA, t, BT, K)
+        A, dq_, dk_ = _intra_loop(q_, k_, g2, dA, t, BT, K, True)
     else:
         A, dq_, dk_ = _intra_factorized(q_, k_, b, dA, dt, PREC)
     el = tl.exp2(_suffix(g2))  # [BT, K]
