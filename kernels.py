@@ -21,7 +21,8 @@ We use that factorization only where it is bounded: when the chunk decays by les
 and k, which fp32 and bf16 hold, and the entries i < j it also produces (up to 2^64 |q||k|) are finite and masked
 away (fp32 inputs: 2^16, as each factor carries a relative error eps * |b|). Training breaks it: as the study's
 Stage 1 trained the GLA gates, its steps slowed from 78 to 214 ms at steady GPU clocks (results/study/gla_kl_25/),
-the flagged chunks taking over. A flagged chunk is therefore cut into sub-chunks of BC = 16 rows, taken in turn with
+most likely as flagged chunks took over (on such gates the exact loop over a whole chunk cost six times the
+factorized form). A flagged chunk is therefore cut into sub-chunks of BC = 16 rows, taken in turn with
 the state carried between them in registers, as if the chunk length were 16 there: each sub-chunk is factorized
 when none of its gates is below -64/16 (base 2), so its factors stay within 2^+-64; the others (gates near -3 per
 step and below) take the exact loop over their 16 key rows s, which builds column s of exp(b_i - b_s) for i >= s
@@ -29,7 +30,7 @@ only, its exponent g_{s+1} + ... + g_i summed afresh (a difference of two cumula
 1e-4 of it). Kernel (1) below flags the chunks; each chunk kernel is launched twice, the chunk form then the
 sub-chunk form, each skipping the other's chunks, so the sub-chunk loops take no registers (occupancy) from the
 common path. `python kernels.py --gates=trained` times it with a quarter of the channels decaying 0.5-2.5 per step
-(a stand-in for trained gates: every chunk flagged, no sub-chunk).
+(a stand-in for trained gates: every chunk flagged, no sub-chunk on the loop).
 
 Forward. (1) _local_state_kernel, parallel over (chunk, head): X_n = (k * exp(b_L - b))^T v, the state chunk n leaves
 from a zero start, and its decay b_L. (2) _state_scan_kernel: the only sequential part, and only elementwise on
