@@ -7,12 +7,13 @@
 # and redoes what it needs (data, Stage 0 and Stage 1 with the same seed and tokens: the same student, up to the
 # GPU's unordered sums), then leaves its small files under results/study/<part>/ (scores, selections, eval.json, the
 # stages' logs, its times, gpu.csv), which are committed. Checkpoints stay on the machine, one Stage 1 per student
-# (out/study_<student>): a later part of the same student on the same machine starts from it, and `next` prefers
-# such parts. `status` says which parts are done; `next` runs the others.
+# and GPU (out/study_<student>; out/gpu<i>/study_<student> for GPU i > 0 under `next`): a later part of the same
+# student on the same GPU starts from it, and `next` prefers such parts. `status` says which parts are done; `next`
+# runs the others.
 #
 #   bash results/reproduce.sh status          # every part, done or not, and its time (measured, or the estimate)
-#   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs), of
-#                                             # different students (one Stage 1 each)
+#   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs), GPU
+#                                             # i > 0 in OUT_DIR/gpu<i> (one Stage 1 per GPU and student)
 #   bash results/reproduce.sh part NAME       # one part by name (see `status`)
 #   python results/report.py                  # the table, retention, curves and score plots from results/study/
 #
@@ -176,20 +177,24 @@ case "${1:-status}" in
     echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~6 for each part that starts"
     echo "from a Stage 1 already on its machine)" ;;
   next)
-    n=${2:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}; i=0; pids=(); taken=" "
-    ready=(); pending=()   # parts that can start; those whose student's Stage 1 is on this machine first
-    for p in $(parts); do
-      done_part "$p" && continue
-      case "$p" in *_kl_*) done_part "score_$(student_of "$p")" || continue ;; esac
-      if [ -f "$OUT_DIR/study_$(student_of "$p")/align/ckpt.pt" ]; then ready+=("$p"); else pending+=("$p"); fi
+    # GPU i runs in its own OUT_DIR (GPU 0 in OUT_DIR itself, GPU i > 0 in OUT_DIR/gpu<i>), so two parts of one
+    # student can run at once, each with its own Stage 1; each GPU takes first a part whose student's Stage 1 is
+    # already in its folder
+    n=${2:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}; pids=(); taken=" "
+    for ((i = 0; i < n; i++)); do
+      out=$OUT_DIR; [ $i = 0 ] || out=$OUT_DIR/gpu$i
+      ready=(); pending=()
+      for p in $(parts); do
+        done_part "$p" && continue
+        case "$taken" in *" $p "*) continue ;; esac
+        case "$p" in *_kl_*) done_part "score_$(student_of "$p")" || continue ;; esac
+        if [ -f "$out/study_$(student_of "$p")/align/ckpt.pt" ]; then ready+=("$p"); else pending+=("$p"); fi
+      done
+      p=$(echo "${ready[@]}" "${pending[@]}" | awk '{print $1}')
+      [ -n "$p" ] || break
+      (OUT_DIR=$out CUDA_VISIBLE_DEVICES=$i part "$p") & pids+=($!); taken="$taken$p "
     done
-    for p in "${ready[@]}" "${pending[@]}"; do
-      s=$(student_of "$p")
-      case "$taken" in *" $s "*) continue ;; esac   # two parts of one student at once would share its Stage 1
-      [ $i -ge "$n" ] && break
-      CUDA_VISIBLE_DEVICES=$i part "$p" & pids+=($!); i=$((i + 1)); taken="$taken$s "
-    done
-    [ $i = 0 ] && echo "no part can run now: see status"
+    [ ${#pids[@]} = 0 ] && echo "no part can run now: see status"
     rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done; exit $rc ;;
   part) part "${2:?part NAME}" ;;
   *) echo "usage: bash results/reproduce.sh status | next [N] | part NAME" >&2; exit 2 ;;

@@ -1,6 +1,6 @@
 """results/reproduce.sh, the study at scale, in its CPU preset on the tiny teacher: parts run in order (a kl part
 refuses to start before its student's scores exist; `next` prefers a part whose student's Stage 1 is already there,
-and that part reuses it), leave their files under RES, say they are done, take the selection from the committed
+and that part reuses it; `next 2` runs a second part in OUT_DIR/gpu1), leave their files under RES, say they are done, take the selection from the committed
 scores, and results/report.py builds the table and the curve from those files."""
 
 import fcntl
@@ -56,6 +56,13 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert r.returncode == 3 and "another part of gla is running" in r.stderr, r.stderr[-3000:]
     r = study("part", "gla_linear")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # next 2: GPU 0 takes a part of gla (its Stage 1 is in OUT_DIR), GPU 1 the first part in the list, in OUT_DIR/gpu1
+    r = study("next", "2")
+    assert r.returncode == 0 and "gla_uniform_25 done" in r.stdout and "score_gdn done" in r.stdout, \
+        r.stdout[-3000:] + r.stderr[-3000:]
+    assert "transfer" not in open(res / "gla_uniform_25" / "times.txt").read()
+    assert (tmp_path / "out" / "gpu1" / "study_gdn" / "align" / "ckpt.pt").exists()
+    assert not (tmp_path / "out" / "study_gdn").exists()
     status = study("status").stdout
     assert "done     score_gla" in status and "done     gla_kl_25" in status and "pending  gdn_kl_25" in status
     assert re.search(r"GPU time: \d+ min spent on the parts done, ~\d+ min left", status), status
