@@ -311,9 +311,8 @@ def _chunk_output_kernel(q, k, v, g, S, exact, o, scale, T, H, K: tl.constexpr, 
 
 @triton.jit
 def _strong(g, s, bh, T, H, K: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr):
-    """Sub-chunk s (blocks of BC rows) takes the exact loop if one of its gates is below FAST / BC (base 2): that
-    bounds its factors by 2^-FAST, and keeps every gradient of a gate above the rounding noise of the diagonal terms
-    that the factorized dg adds and subtracts (at -20 per step the true dg is e^-20 smaller than they are)."""
+    """Sub-chunk s (blocks of BC rows) takes the exact loop if one of its gates is below FAST / BC (base 2): with
+    every gate above it, the sub-chunk decays by less than 2^-FAST, which bounds its factors by 2^+-(-FAST)."""
     return tl.min(tl.min(_log2_gates(g, s, bh, T, H, K, BC), axis=1), axis=0) < FAST / BC
 
 

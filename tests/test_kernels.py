@@ -38,8 +38,8 @@ def gates(regime, B, T, H, K, gen):
     if regime == "steady":  # -0.5 to -2.5 per step, as a trained student's fast channels: every chunk decays past
         # 2^-64 (the sub-chunk path), but no sub-chunk of 16 does (its factorized form)
         return -0.5 - 2 * torch.rand(B, T, H, K, generator=gen)
-    if regime == "mid":  # -0.2 to -0.6 per step: bf16 chunks of 64 stay unflagged (the chunk form, its dg under
-        # cancellation); fp32 chunks are flagged, their sub-chunks factorized
+    if regime == "mid":  # -0.2 to -0.6 per step: bf16 chunks of 64 stay unflagged (the chunk form, whose dg once
+        # summed terms that cancel, 2% off); fp32 chunks are flagged, their sub-chunks factorized
         return -0.2 - 0.4 * torch.rand(B, T, H, K, generator=gen)
     if regime == "alt":  # sub-chunks of 16 alternate -0.3 and -6 per step: loop and factorized ones in one chunk
         t = torch.arange(T)[None, :, None, None]
