@@ -53,9 +53,11 @@ SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
 RULER_ARGS=()   # the final evals', not the curve's
 [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
-# GPU minutes of each part on one H200: score from session 9's score_gla (data 13 s, transfer 17 s, Stage 1 304 s,
-# scoring 420 s), 25 from session 10's gla_kl_25 and gla_uniform_25 (1057 and 1054 s: Stage 1 360 s, distill 470 s,
-# finetune 80 s, evals 137 s), linear and small estimated from those stages (GLA's kernel before its sub-chunk path)
+# GPU minutes of each part on one H200, the larger student's where they differ: score from session 9's score_gla
+# (754 s: data 13 s, transfer 17 s, Stage 1 304 s, scoring 420 s; session 11's score_gdn 635 s), 25 from session 10's
+# gla_kl_25 and gla_uniform_25 (1057 and 1054 s: Stage 1 360 s, distill 470 s, finetune 80 s, evals 137 s; session
+# 11's gdn_kl_25 after its Stage 1: 580 s), linear and small estimated from those stages (GLA's kernel before its
+# sub-chunk path)
 declare -A ESTIMATE_MIN=([score]=13 [25]=18 [linear]=18 [small]=15)
 
 parts() {
