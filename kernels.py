@@ -54,7 +54,8 @@ once with + and once with -: the i = j terms, exp(0) = 1, cancel only up to roun
 under strong decay the true dg is exp(-20) smaller, and the leaving state's terms cancel against rowsum(dS * S_next)
 the same way (with bf16 inputs and gates of a few tenths per step that left dg 2-7% off). So every block, a chunk
 (_chunk_bwd_kernel) or a sub-chunk of a flagged one (_chunk_bwd_sub_kernel), sums only the terms whose exponent
-contains g_t (_bwd_block), its intra-block terms from the factorization or, where that is not bounded, the loop:
+contains g_t (_bwd_block; _chunk_bwd_kernel writes the same sums out in its own order, for registers), its
+intra-block terms from the factorization or, where that is not bounded, the loop:
 
     dg_t = sum_{i>=t} q_i (dq_i - dA_ii k_i) - sum_{j>=t} k_j (dk_j^intra - dA_jj q_j) + sum_{j<t} k_j dk_j^inter
            + exp(b_L) * rowsum(S * dS)
@@ -409,15 +410,77 @@ def _bwd_block(q, k, v, g, do, dq, dk, dv, dg, S_, dS_, n, bh, scale, T, H, K: t
 
 
 @triton.jit
+def _excl_combine(e1, s1, e2, s2):
+    """Scan operator on pairs (sum of a range without its last element, sum of the range): an exclusive prefix sum
+    from two plain sums, no term added and then subtracted."""
+    return s1 + e2, s1 + s2
+
+
+@triton.jit
+def _strict_prefix(x, BT: tl.constexpr, K: tl.constexpr, V: tl.constexpr, PREC: tl.constexpr):
+    """sum_{j<t} x_j for every row t of x [BT, K] fp32, the j = t term never added. Small states: a strictly lower
+    triangular matmul (tf32 for 16-bit inputs). K * V > 64 * 64: an exclusive scan instead (exact in fp32), since
+    there the matmul's fp32 operands cost the chunk backward 900-1600 B/thread more register spills (sm_90)."""
+    if K * V > 64 * 64:
+        ex, _ = tl.associative_scan((tl.zeros_like(x), x), 0, _excl_combine)
+        return ex
+    else:
+        t = tl.arange(0, BT)
+        return _dot(tl.where(t[:, None] > t[None, :], 1., 0.), x, PREC)
+
+
+@triton.jit
 def _chunk_bwd_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, head) whose decay allows the factorization (the others: _chunk_bwd_sub_kernel)."""
+    """Per (chunk, head) whose decay allows the factorization (the others: _chunk_bwd_sub_kernel): _bwd_block's sums
+    in the factorized form, qe = q 2^b, ke = k 2^-b, dS' = 2^b_L dS (bounded here, so the leaving state's 2^(b_L - b)
+    may be taken as 2^b_L 2^-b), dA strictly causal and its diagonal dA_ii kept apart:
+        dq = (do S^T + dA ke) 2^b + dA_ii k        dv = ke dS' + A^T do
+        dk = (dA^T qe + v dS'^T) 2^-b + dA_ii q    dg as in the module docstring (no term added, then subtracted)
+    Written out rather than through _bwd_block, in an order that keeps few [BT, K] tiles alive: through _bwd_block
+    this kernel spilled 832 B/thread at K = V = 64 and 1992 B at 128 (sm_90, triton 3.6; forward + backward 1.2x and
+    2.2x the old dg form's time on an H200); in this order 88 B and 264 B (the old dg form: 8 B and 272 B)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
     if tl.load(exact + bh * NT + n) == 0:
+        g2 = _log2_gates(g, n, bh, T, H, K, BT)
+        b = tl.cumsum(g2, axis=0)
+        t = tl.arange(0, BT)
+        pq, m = _tile(q, n, bh, T, H, K, BT)
+        pk, _ = _tile(k, n, bh, T, H, K, BT)
+        pv, _ = _tile(v, n, bh, T, H, V, BT)
+        pdo, _ = _tile(do, n, bh, T, H, V, BT)
+        do_ = tl.load(pdo, mask=m, other=0.)  # [BT, V]
+        v_ = tl.load(pv, mask=m, other=0.)  # [BT, V]
+        dt = v_.dtype
         kv = tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
-        _bwd_block(q, k, v, g, do, dq, dk, dv, dg, tl.load(S + (bh.to(tl.int64) * (NT + 1) + n) * K * V + kv),
-                   tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv), n, bh, scale, T, H, K, V, BT, PREC, False)
+        pS = S + (bh.to(tl.int64) * (NT + 1) + n) * K * V + kv  # [K, V] entering state
+        dA = _cast(tl.where(t[:, None] > t[None, :], _dot(do_, tl.trans(v_), PREC), 0.), dt)  # [BT, BT] strict
+        dAd = tl.sum(do_.to(tl.float32) * v_.to(tl.float32), axis=1)  # [BT] its diagonal, kept apart
+        eb, ebn = tl.exp2(b), tl.exp2(-b)  # [BT, K]
+        q_ = tl.load(pq, mask=m, other=0.).to(tl.float32) * scale  # [BT, K]
+        k_ = tl.load(pk, mask=m, other=0.).to(tl.float32)  # [BT, K]
+        qe, ke = _cast(q_ * eb, dt), _cast(k_ * ebn, dt)
+        dq_ = (_dot(do_, tl.trans(tl.load(pS)), PREC) + _dot(dA, ke, PREC)) * eb  # [BT, K] without the diagonal
+        acc = q_ * dq_  # dg's intra and entering-state terms, summed over i >= t below
+        pdq, _ = _tile(dq, n, bh, T, H, K, BT)
+        tl.store(pdq, _cast((dq_ + dAd[:, None] * k_) * scale, dq.dtype.element_ty), mask=m)
+        dS_ = tl.load(dS + (bh.to(tl.int64) * NT + n) * K * V + kv).to(tl.float32)  # [K, V] leaving state's grad
+        bL = tl.exp2(tl.sum(g2, axis=0))  # [K]
+        dgS = bL * tl.sum(tl.load(pS).to(tl.float32) * dS_, axis=1)  # [K] the entering state's decay
+        dSl = _cast(dS_ * bL[:, None], dt)
+        dkl = _dot(v_, tl.trans(dSl), PREC) * ebn  # [BT, K] through the leaving state
+        dki = _dot(tl.trans(dA), qe, PREC) * ebn  # [BT, K] intra, without the diagonal
+        acc -= k_ * dki
+        pdk, _ = _tile(dk, n, bh, T, H, K, BT)
+        tl.store(pdk, _cast(dki + dkl + dAd[:, None] * q_, dk.dtype.element_ty), mask=m)
+        A = tl.where(t[:, None] >= t[None, :], _dot(qe, tl.trans(ke), PREC), 0.)  # [BT, BT]
+        dv_ = _dot(ke, dSl, PREC) + _dot(tl.trans(_cast(A, dt)), do_, PREC)  # [BT, V]
+        pdv, _ = _tile(dv, n, bh, T, H, V, BT)
+        tl.store(pdv, _cast(dv_, dv.dtype.element_ty), mask=m)
+        dg_ = tl.cumsum(acc, axis=0, reverse=True) + _strict_prefix(k_ * dkl, BT, K, V, PREC) + dgS[None, :]
+        pdg, _ = _tile(dg, n, bh, T, H, K, BT)
+        tl.store(pdg, _cast(dg_, dg.dtype.element_ty), mask=m)
 
 
 @triton.jit

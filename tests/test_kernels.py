@@ -81,6 +81,7 @@ CASES = [
     (200, 64, 16, "steady", True, torch.bfloat16),
     (150, 16, 32, "mid", True, torch.float32),
     (64, 64, 64, "mid", True, torch.bfloat16),
+    (64, 128, 128, "mid", True, torch.bfloat16),  # unflagged bf16 at 128 x 128: the chunk backward's scan for dg
     (129, 32, 16, "alt", False, torch.bfloat16),
     (100, 64, 64, "model", True, torch.bfloat16),
     (300, 16, 16, "mixed", True, torch.bfloat16),
