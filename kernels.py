@@ -369,6 +369,27 @@ def _intra_factorized(q_, k_, b, dA, dt: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _excl_combine(e1, s1, e2, s2):
+    """Scan operator on pairs (sum of a range without its last element, sum of the range): an exclusive prefix sum
+    from two plain sums, no term added and then subtracted."""
+    return s1 + e2, s1 + s2
+
+
+@triton.jit
+def _strict_prefix(x, BT: tl.constexpr, K: tl.constexpr, V: tl.constexpr, PREC: tl.constexpr):
+    """sum_{j<t} x_j for every row t of x [BT, K] fp32, the j = t term never added. Small states: a strictly lower
+    triangular matmul (tf32 for 16-bit inputs). K * V > 64 * 64: an exclusive scan instead (exact in fp32), since
+    there the matmul's fp32 operands cost the chunk backward 900-1600 B/thread more register spills (sm_90; the
+    sub-chunk backward's stack, bf16: 816 B with the matmul, 792 B with the scan)."""
+    if K * V > 64 * 64:
+        ex, _ = tl.associative_scan((tl.zeros_like(x), x), 0, _excl_combine)
+        return ex
+    else:
+        t = tl.arange(0, BT)
+        return _dot(tl.where(t[:, None] > t[None, :], 1., 0.), x, PREC)
+
+
+@triton.jit
 def _bwd_block(q, k, v, g, do, dq, dk, dv, dg, S_, dS_, n, bh, scale, T, H, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, PREC: tl.constexpr, exact):
     """Gradients of block n of BT rows (a chunk, or a sub-chunk of a flagged one) of head bh, given the state
@@ -395,38 +416,18 @@ def _bwd_block(q, k, v, g, do, dq, dk, dv, dg, S_, dS_, n, bh, scale, T, H, K: t
     tl.store(pdv, _cast(dv_ + _dot(_cast(k_ * el, dt), dSd, PREC), dv.dtype.element_ty), mask=m)
     dq_ += _dot(do_, tl.trans(_cast(S_, dt)), PREC) * tl.exp2(b)  # inter-block, through the entering state
     # dg: suffix sums of the intra terms without the diagonal, the strict prefix sum of the leaving-state terms
-    # (a lower-triangular matmul: the j = t term is never added and then removed), the entering state's decay
+    # (_strict_prefix: the j = t term is never added and then removed), the entering state's decay
     dg_ = tl.cumsum(q_ * dq_ - k_ * dk_, axis=0, reverse=True)
     pdq, _ = _tile(dq, n, bh, T, H, K, BT)
     tl.store(pdq, _cast((dq_ + dAd[:, None] * k_) * scale, dq.dtype.element_ty), mask=m)
     dkl = _dot(v_, tl.trans(dSd), PREC) * el  # inter-block, through the leaving state
-    dg_ += _dot(tl.where(t[:, None] > t[None, :], 1., 0.), k_ * dkl, PREC)
+    dg_ += _strict_prefix(k_ * dkl, BT, K, V, PREC)
     dg_ += (tl.exp2(tl.sum(g2, axis=0)) * tl.sum(S_.to(tl.float32) * dS_.to(tl.float32), axis=1))[None, :]
     pdg, _ = _tile(dg, n, bh, T, H, K, BT)
     tl.store(pdg, _cast(dg_, dg.dtype.element_ty), mask=m)
     pdk, _ = _tile(dk, n, bh, T, H, K, BT)
     tl.store(pdk, _cast(dk_ + dAd[:, None] * q_ + dkl, dk.dtype.element_ty), mask=m)
     return q_, do_, g2, b
-
-
-@triton.jit
-def _excl_combine(e1, s1, e2, s2):
-    """Scan operator on pairs (sum of a range without its last element, sum of the range): an exclusive prefix sum
-    from two plain sums, no term added and then subtracted."""
-    return s1 + e2, s1 + s2
-
-
-@triton.jit
-def _strict_prefix(x, BT: tl.constexpr, K: tl.constexpr, V: tl.constexpr, PREC: tl.constexpr):
-    """sum_{j<t} x_j for every row t of x [BT, K] fp32, the j = t term never added. Small states: a strictly lower
-    triangular matmul (tf32 for 16-bit inputs). K * V > 64 * 64: an exclusive scan instead (exact in fp32), since
-    there the matmul's fp32 operands cost the chunk backward 900-1600 B/thread more register spills (sm_90)."""
-    if K * V > 64 * 64:
-        ex, _ = tl.associative_scan((tl.zeros_like(x), x), 0, _excl_combine)
-        return ex
-    else:
-        t = tl.arange(0, BT)
-        return _dot(tl.where(t[:, None] > t[None, :], 1., 0.), x, PREC)
 
 
 @triton.jit
@@ -439,7 +440,8 @@ def _chunk_bwd_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H,
         dk = (dA^T qe + v dS'^T) 2^-b + dA_ii q    dg as in the module docstring (no term added, then subtracted)
     Written out rather than through _bwd_block, in an order that keeps few [BT, K] tiles alive: through _bwd_block
     this kernel spilled 832 B/thread at K = V = 64 and 1992 B at 128 (sm_90, triton 3.6; forward + backward 1.2x and
-    2.2x the old dg form's time on an H200); in this order 88 B and 264 B (the old dg form: 8 B and 272 B), and
+    2.2x the old dg form's time on an H200); in this order 88 B and 264 B (the old dg form: 8 B and 272 B; through
+    _block_tiles' loads at the start, 144 B and 304 B), and
     0.868 and 1.978 ms against the old form's 0.886 and 1.850 (B=4, T=4096, H=9 at D=64, H=16 at D=128, bf16)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     NT = tl.cdiv(T, BT)
@@ -462,6 +464,7 @@ def _chunk_bwd_kernel(q, k, v, g, do, S, dS, exact, dq, dk, dv, dg, scale, T, H,
         q_ = tl.load(pq, mask=m, other=0.).to(tl.float32) * scale  # [BT, K]
         k_ = tl.load(pk, mask=m, other=0.).to(tl.float32)  # [BT, K]
         qe, ke = _cast(q_ * eb, dt), _cast(k_ * ebn, dt)
+        # S is loaded twice (here and for dgS) rather than kept: 264 B of stack at K = V = 128 against 480 B
         dq_ = (_dot(do_, tl.trans(tl.load(pS)), PREC) + _dot(dA, ke, PREC)) * eb  # [BT, K] without the diagonal
         acc = q_ * dq_  # dg's intra and entering-state terms, summed over i >= t below
         pdq, _ = _tile(dq, n, bh, T, H, K, BT)
