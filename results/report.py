@@ -78,7 +78,7 @@ def main(cfg):
         raise SystemExit(f"no eval.json under {cfg.res}/<part>/<hybrid>/ and no scores.json under "
                          f"{cfg.res}/score_<student>/: run `bash results/reproduce.sh next` first")
     report = ["# The study: KL-guided selection at scale", ""]
-    curves = {}
+    curves, curve_se = {}, 0.   # name -> [(tokens, recall)], and the largest standard-error bound of their evals
     if evals:
         teacher = next(iter(evals.values()))["teacher"]
         lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
@@ -98,7 +98,7 @@ def main(cfg):
             curve = os.path.join(cfg.res, part_of[(student, name)], name, "eval_curve.json")
             if os.path.exists(curve):   # snapshots and the whole distill, evaluated with fewer prompts
                 cm = json.load(open(curve))["models"]
-                curve_se = se_bound(curve)
+                curve_se = max(curve_se, se_bound(curve))   # the largest over the curves
                 snaps = {int(label.split("_")[1]): m for label, m in cm.items() if label.startswith("tokens_")}
                 distilled = next(m for label, m in cm.items() if label.startswith("distill"))
                 curves[f"{student} {name}"] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [

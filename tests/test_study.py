@@ -1,7 +1,8 @@
 """results/reproduce.sh, the study at scale, in its CPU preset on the tiny teacher: parts run in order (a kl part
 refuses to start before its student's scores exist; `next` prefers a part whose student's Stage 1 is already there,
-and that part reuses it; `next 2` runs a second part in OUT_DIR/gpu1), leave their files under RES, say they are done, take the selection from the committed
-scores, and results/report.py builds the table and the curve from those files."""
+and that part reuses it; `next 2` runs a second part in OUT_DIR/gpu1), leave their files under RES, say they are
+done, take the selection from the committed scores, and results/report.py builds the table and the curve from those
+files."""
 
 import fcntl
 import json
