@@ -48,7 +48,7 @@ def save_plot(path, draw, size, what):
         return f"(matplotlib is not installed: no plot of {what.lower()})"
     fig, ax = plt.subplots(figsize=size)
     draw(ax)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")   # outside: no line hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -120,12 +120,15 @@ def main(cfg):
                    + ", ".join(f"{i} {sc[i]:.3f}" for i in order), ""]
     if curves:
         def draw(ax):
-            for name, c in curves.items():
-                ax.plot([label for label, _ in c], [v for _, v in c], marker="o", label=name)
-            ax.axhline(teacher["recall"]["avg"], color="gray", ls="--", label="teacher")
+            methods = sorted({name.split()[1].rsplit("_", 1)[0] for name in curves})
+            for name, c in curves.items():   # a colour per method, a line style per student
+                student, method = name.split()[0], name.split()[1].rsplit("_", 1)[0]
+                ax.plot([label for label, _ in c], [v for _, v in c], marker="o", label=name,
+                        color=f"C{methods.index(method)}", ls="-" if student == "gla" else "--")
+            ax.axhline(teacher["recall"]["avg"], color="gray", ls=":", label="teacher")
             ax.set(xlabel="distill tokens", ylabel="recall (1K/2K/4K average)", title="recall against distill tokens",
                    ylim=(0, None))
-        report += [save_plot(os.path.join(os.path.dirname(out), "curve.png"), draw, (6, 3.5),
+        report += [save_plot(os.path.join(os.path.dirname(out), "curve.png"), draw, (7.5, 3.5),
                              "Recall against distill tokens"), ""]
     if scores:
         def draw(ax):

@@ -53,12 +53,12 @@ SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
 RULER_ARGS=()   # the final evals', not the curve's
 [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
-# GPU minutes of each part on one H200, the larger student's where they differ: score from session 9's score_gla
-# (754 s: data 13 s, transfer 17 s, Stage 1 304 s, scoring 420 s; session 11's score_gdn 635 s), 25 from session 10's
-# gla_kl_25 and gla_uniform_25 (1057 and 1054 s: Stage 1 360 s, distill 470 s, finetune 80 s, evals 137 s; session
-# 11's gdn_kl_25 after its Stage 1: 580 s), linear and small estimated from those stages (GLA's kernel before its
-# sub-chunk path)
-declare -A ESTIMATE_MIN=([score]=13 [25]=18 [linear]=18 [small]=15)
+# GPU minutes of each part on one H200, the larger student's where they differ, from the stages measured: data and
+# transfer ~30 s; Stage 1 162 s (GLA on its sub-chunk kernel, session 12) or 232 s (GDN); scoring 365-420 s (sessions
+# 9 and 11); a 25% distill of 50M tokens 320-357 s (GDN, sessions 11 and 12) or 461-470 s (GLA on its kernel before
+# the sub-chunk path, session 10; not timed on the new one yet), the all-linear one 515 s (GLA, session 9), finetune
+# 56-93 s, eval 75-87 s and the curve's 46-55 s; session 12's gdn_uniform_25 took 833 s in all
+declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=15 [small]=13)
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
@@ -176,7 +176,7 @@ case "${1:-status}" in
         echo "  pending  $p  (~$est GPU-min on one H200, estimated)"
       fi
     done
-    echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~6 for each part that starts"
+    echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~4 for each part that starts"
     echo "from a Stage 1 already on its machine)" ;;
   next)
     # GPU i runs in its own OUT_DIR (GPU 0 in OUT_DIR itself, GPU i > 0 in OUT_DIR/gpu<i>), so two parts of one
