@@ -54,10 +54,10 @@ RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ru
 RULER_ARGS=()   # the final evals', not the curve's
 [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
 # GPU minutes of each part on one H200, the larger student's where they differ, from the stages measured: data and
-# transfer ~30 s; Stage 1 162 s (GLA on its sub-chunk kernel, session 12) or 232 s (GDN); scoring 365-420 s (sessions
-# 9 and 11); a 25% distill of 50M tokens 320-357 s (GDN, sessions 11 and 12) or 461-470 s (GLA on its kernel before
-# the sub-chunk path, session 10; not timed on the new one yet), the all-linear one 515 s (GLA, session 9), finetune
-# 56-93 s, eval 75-87 s and the curve's 46-55 s; session 12's gdn_uniform_25 took 833 s in all
+# transfer ~30 s; Stage 1 ~180 s (GLA on its sub-chunk kernel, session 12: 2.7 min by its log) or 232 s (GDN); scoring
+# 365-420 s (sessions 9 and 11); a 25% distill of 50M tokens 320-357 s (GDN, sessions 11 and 12) or 461-470 s (GLA on
+# its kernel before the sub-chunk path, session 10; not timed on the new one yet), the all-linear one 515 s (GLA,
+# session 9), finetune 56-93 s, eval 75-87 s and the curve's 46-55 s; session 12's gdn_uniform_25 took 833 s in all
 declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=15 [small]=13)
 
 parts() {
