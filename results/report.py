@@ -1,8 +1,9 @@
 """
 The study's report from its committed files (results/reproduce.sh writes them part by part): one table of every
 hybrid (student x method x budget) beside the teacher and the all-linear student, the retention of the teacher's
-recall per length, the curve of recall against distill tokens of the 25% hybrids, and the per-layer score plots of
-both students. CPU only; parts not run yet are left out and named.
+recall per length, the KL-guided hybrid's lead over the other selections of its student and budget, the curve of
+recall against distill tokens of the 25% hybrids, and the per-layer score plots of both students. CPU only; parts
+not run yet are left out, parts started but not finished named.
 
     python results/report.py                       # prints the report, writes results/study/report.md (+ png)
     python results/report.py --res=results/study --out=results/study/report.md
@@ -55,6 +56,27 @@ def save_plot(path, draw, size, what):
     return f"{what}: {os.path.basename(path)}"
 
 
+def gaps(finals, se):
+    """The KL-guided hybrid's lead over each other selection of the same student and budget: recall, then per length,
+    and the bound on a difference's standard error (two independent evals: sqrt(2) times one's)."""
+    lines, nan = [], float("nan")
+    for (student, name), m in sorted(finals.items()):
+        if not name.startswith("kl_"):
+            continue
+        for other in ("uniform", "ga_s1"):
+            o = finals.get((student, other + name[2:]))
+            if o:
+                a, b = m["recall"], o["recall"]
+                per = [a["by_length"].get(n, nan) - b["by_length"].get(n, nan) for n in LENGTHS]
+                lines.append(f"- {student} {name} - {other}{name[2:]}: {a['avg'] - b['avg']:+.3f} ("
+                             + " / ".join(f"{d:+.3f}" for d in per) + ")")
+    if lines:
+        lines = ["The KL-guided hybrids' lead, recall (1K / 2K / 4K); a difference's standard error at most "
+                 f"{2 ** 0.5 * se / 3 ** 0.5:.3f} for the recall column, {2 ** 0.5 * se:.3f} per length:", "",
+                 *lines, ""]
+    return lines
+
+
 def se_bound(path):
     """The largest standard error of one length's recall in an eval.json: the mean of tasks x prompts scores in
     [0, 1], whose variance is at most 1/4 each."""
@@ -78,7 +100,7 @@ def main(cfg):
         raise SystemExit(f"no eval.json under {cfg.res}/<part>/<hybrid>/ and no scores.json under "
                          f"{cfg.res}/score_<student>/: run `bash results/reproduce.sh next` first")
     report = ["# The study: KL-guided selection at scale", ""]
-    curves, curve_se = {}, 0.   # name -> [(tokens, recall)], and the largest standard-error bound of their evals
+    curves, curve_se, finals = {}, 0., {}   # name -> [(tokens, recall)], its evals' largest SE bound; the finetuned
     if evals:
         teacher = next(iter(evals.values()))["teacher"]
         lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
@@ -92,6 +114,7 @@ def main(cfg):
             final = next((m for label, m in models.items() if label.startswith("finetune")), None)
             if final is None:
                 continue
+            finals[(student, name)] = final
             k = sum(x == "attn" for x in final["mixers"])
             lines.append(row(f"{student} {name} ({k} softmax)", final, teacher))
             by_task.append(task_row(f"{student} {name}", final))
@@ -108,6 +131,7 @@ def main(cfg):
                    f"Standard error of a length's recall at most {max(se):.3f} (tasks x prompts scores in [0, 1])."
                    if len(set(se)) == 1 else f"Standard error of a length's recall at most {min(se):.3f} to "
                    f"{max(se):.3f}, by the eval's prompts (tasks x prompts scores in [0, 1]).", ""]
+        report += gaps(finals, max(se))
     else:
         report += ["No hybrid evaluated yet: only the scores below.", ""]
     if curves:

@@ -5,6 +5,7 @@ done, take the selection from the committed scores, and results/report.py builds
 files."""
 
 import fcntl
+import importlib.util
 import json
 import os
 import re
@@ -79,3 +80,21 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert "- gla kl_25: 0.000128M" in report.stdout and (res / "report.md").exists()
     # one prompt per task and length in the CPU preset: the standard error bound of 1/4 over 1 task x 1 prompt
     assert "Standard error of a length's recall at most 0.500" in report.stdout, report.stdout
+    assert "- gla kl_25 - uniform_25: " in report.stdout, report.stdout   # the lead (test below)
+
+
+def test_report_gaps_compare_one_student_and_budget():
+    """The KL-guided hybrid's lead is taken over the other selections of its own student and budget, kl minus the
+    other, per length too, with the standard error of a difference (sqrt(2) times one eval's)."""
+    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "results", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rec = lambda avg, *by: {"recall": {"avg": avg, "by_length": dict(zip(report.LENGTHS, by))}}  # noqa: E731
+    finals = {("gla", "kl_25"): rec(0.5, 0.6, 0.5, 0.4), ("gla", "uniform_25"): rec(0.2, 0.3, 0.2, 0.1),
+              ("gla", "ga_s1_12"): rec(0.1, 0.1, 0.1, 0.1), ("gdn", "uniform_25"): rec(0.0, 0.0, 0.0, 0.0),
+              ("gdn", "kl_12"): rec(0.4, 0.4, 0.4, 0.4), ("gdn", "ga_s1_12"): rec(0.45, 0.5, 0.45, 0.4)}
+    lines = report.gaps(finals, 0.02)
+    assert [x for x in lines if x.startswith("- ")] == ["- gdn kl_12 - ga_s1_12: -0.050 (-0.100 / -0.050 / +0.000)",
+                                                        "- gla kl_25 - uniform_25: +0.300 (+0.300 / +0.300 / +0.300)"]
+    assert "at most 0.016 for the recall column, 0.028 per length" in lines[0]
+    assert report.gaps({("gla", "kl_25"): finals[("gla", "kl_25")]}, 0.02) == []   # nothing to compare with
