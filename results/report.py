@@ -77,10 +77,10 @@ def gaps(finals, se):
     return lines
 
 
-def se_bound(path):
-    """The largest standard error of one length's recall in an eval.json: the mean of tasks x prompts scores in
-    [0, 1], whose variance is at most 1/4 each."""
-    st = json.load(open(path))["settings"]
+def se_bound(ev):
+    """The largest standard error of one length's recall in an eval (eval.json's contents): the mean of tasks x
+    prompts scores in [0, 1], whose variance is at most 1/4 each."""
+    st = ev["settings"]
     return (0.25 / (len(st["tasks"]) * st["prompts"])) ** 0.5
 
 
@@ -89,10 +89,11 @@ def main(cfg):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     evals, part_of, se = {}, {}, []   # (student, name) -> eval.json's models, the part that made it; SE bounds
     for path in sorted(glob.glob(os.path.join(cfg.res, "*", "*", "eval.json"))):
-        se.append(se_bound(path))
+        ev = json.load(open(path))
+        se.append(se_bound(ev))
         part, name = path.split(os.sep)[-3:-1]
         student = part.split("_")[1] if part.startswith("score_") else part.split("_")[0]
-        evals[(student, name)] = json.load(open(path))["models"]
+        evals[(student, name)] = ev["models"]
         part_of[(student, name)] = part
     scores = {os.path.basename(os.path.dirname(p)).split("_", 1)[1]: json.load(open(p))["scores"]
               for p in sorted(glob.glob(os.path.join(cfg.res, "score_*", "scores.json")))}
@@ -100,7 +101,7 @@ def main(cfg):
         raise SystemExit(f"no eval.json under {cfg.res}/<part>/<hybrid>/ and no scores.json under "
                          f"{cfg.res}/score_<student>/: run `bash results/reproduce.sh next` first")
     report = ["# The study: KL-guided selection at scale", ""]
-    curves, curve_se, finals = {}, 0., {}   # name -> [(tokens, recall)], its evals' largest SE bound; the finetuned
+    curves, curve_se, finals = {}, 0., {}   # (student, name) -> [(tokens, recall)], its evals' largest SE bound
     if evals:
         teacher = next(iter(evals.values()))["teacher"]
         lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
@@ -120,11 +121,12 @@ def main(cfg):
             by_task.append(task_row(f"{student} {name}", final))
             curve = os.path.join(cfg.res, part_of[(student, name)], name, "eval_curve.json")
             if os.path.exists(curve):   # snapshots and the whole distill, evaluated with fewer prompts
-                cm = json.load(open(curve))["models"]
-                curve_se = max(curve_se, se_bound(curve))   # the largest over the curves
+                ev = json.load(open(curve))
+                cm = ev["models"]
+                curve_se = max(curve_se, se_bound(ev))   # the largest over the curves
                 snaps = {int(label.split("_")[1]): m for label, m in cm.items() if label.startswith("tokens_")}
                 distilled = next(m for label, m in cm.items() if label.startswith("distill"))
-                curves[f"{student} {name}"] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [
+                curves[(student, name)] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [
                     ("all distill tokens", distilled["recall"]["avg"]), ("finetuned", final["recall"]["avg"])]
         report += ["Recall: RULER's string_match_all over the six tasks of recall.py; retention = hybrid / teacher "
                    "recall at each length.", "", *lines, "", "Recall per task (over the lengths):", "", *by_task, "",
@@ -137,18 +139,18 @@ def main(cfg):
     if curves:
         report += ["Recall against distill tokens (25% hybrids, a quarter of the prompts, standard error of an "
                    f"average at most {curve_se / 3 ** 0.5:.3f}; the last point finetuned, with all the prompts):", ""]
-        report += [f"- {name}: " + ", ".join(f"{n} {v:.3f}" for n, v in c) for name, c in curves.items()] + [""]
+        report += [f"- {student} {name}: " + ", ".join(f"{n} {v:.3f}" for n, v in c)
+                   for (student, name), c in curves.items()] + [""]
     for student, sc in scores.items():   # lower = more important: the order kl keeps them in
         order = sorted(range(len(sc)), key=lambda i: sc[i])
         report += [f"Scores of {student} (probe KL, lower = keep softmax), most important first: "
                    + ", ".join(f"{i} {sc[i]:.3f}" for i in order), ""]
     if curves:
         def draw(ax):
-            methods = sorted({name.split()[1].rsplit("_", 1)[0] for name in curves})
-            for name, c in curves.items():   # a colour per method, a line style per student
-                student, method = name.split()[0], name.split()[1].rsplit("_", 1)[0]
-                ax.plot([label for label, _ in c], [v for _, v in c], marker="o", label=name,
-                        color=f"C{methods.index(method)}", ls="-" if student == "gla" else "--")
+            methods = sorted({name.rsplit("_", 1)[0] for _, name in curves})
+            for (student, name), c in curves.items():   # a colour per method, a line style per student
+                ax.plot([label for label, _ in c], [v for _, v in c], marker="o", label=f"{student} {name}",
+                        color=f"C{methods.index(name.rsplit('_', 1)[0])}", ls="-" if student == "gla" else "--")
             ax.axhline(teacher["recall"]["avg"], color="gray", ls=":", label="teacher")
             ax.set(xlabel="distill tokens", ylabel="recall (1K/2K/4K average)", title="recall against distill tokens",
                    ylim=(0, None))
