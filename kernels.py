@@ -22,7 +22,8 @@ and k, which fp32 and bf16 hold, and the entries i < j it also produces (up to 2
 away (fp32 inputs: 2^16, as each factor carries a relative error eps * |b|). Training breaks it: as the study's
 Stage 1 trained the GLA gates, its steps slowed from 78 to 214 ms at steady GPU clocks (results/study/gla_kl_25/),
 most likely as flagged chunks took over (on such gates the exact loop over a whole chunk cost six times the
-factorized form). A flagged chunk is therefore cut into sub-chunks of BC = 16 rows, taken in turn with
+factorized form); with the sub-chunk path below, the same Stage 1 goes from 79 to 95 ms (results/h200_s12/). A
+flagged chunk is therefore cut into sub-chunks of BC = 16 rows, taken in turn with
 the state carried between them in registers, as if the chunk length were 16 there: each sub-chunk is factorized
 when none of its gates is below -64/16 (base 2), so its factors stay within 2^+-64; the others (gates near -3 per
 step and below) take the exact loop over their 16 key rows s, which builds column s of exp(b_i - b_s) for i >= s
