@@ -9,7 +9,9 @@
 # stages' logs, its times, gpu.csv), which are committed. Checkpoints stay on the machine, one Stage 1 per student
 # and GPU (out/study_<student>; out/gpu<i>/study_<student> for GPU i > 0 under `next`): a later part of the same
 # student on the same GPU starts from it, and `next` prefers such parts. `status` says which parts are done; `next`
-# runs the others.
+# runs the others. A part cut short (a lease ran out) resumes where it stopped: run again, it keeps the hybrids it
+# had finished (their files under results/study/<part>/) and counts the time it spent before; a part done refuses
+# to run again until its folder is removed.
 #
 #   bash results/reproduce.sh status          # every part, done or not, and its time (measured, or the estimate)
 #   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs), GPU
@@ -54,11 +56,11 @@ RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ru
 RULER_ARGS=()   # the final evals', not the curve's
 [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
 # GPU minutes of each part on one H200, the larger student's where they differ, from the stages measured: data and
-# transfer ~30 s; Stage 1 ~180 s (GLA on its sub-chunk kernel, session 12: 2.7 min by its log) or 232 s (GDN); scoring
-# 365-420 s (sessions 9 and 11); a 25% distill of 50M tokens 320-357 s (GDN, sessions 11 and 12) or 461-470 s (GLA on
-# its kernel before the sub-chunk path, session 10; not timed on the new one yet), the all-linear one 515 s (GLA,
-# session 9), finetune 56-93 s, eval 75-87 s and the curve's 46-55 s; session 12's gdn_uniform_25 took 833 s in all
-declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=15 [small]=13)
+# transfer ~30 s; Stage 1 198 s (GLA on its sub-chunk kernel, session 13) or 232 s (GDN); scoring 365-420 s (sessions
+# 9 and 11); a 25% distill of 50M tokens 320-357 s (GDN, sessions 11 and 12; GLA 337 s, session 13), the all-linear
+# one 310 s (GLA, session 13), one of 12.5M ~93 s (GLA, session 13), finetune 56-93 s, eval 72-87 s and the curve's
+# 46-55 s; session 12's gdn_uniform_25 took 833 s in all, session 13's gla_ga_s1_25 789 s
+declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=13)
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
@@ -67,6 +69,7 @@ parts() {
   for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_small"; done; done
 }
 done_part() { [ -f "$RES/$1/done" ]; }
+finished() { local f; for f in "$RES/$1"/*/eval.json; do [ -f "$f" ] && basename "$(dirname "$f")"; done | paste -sd ' '; }
 known() { case " $(parts | tr '\n' ' ') " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 student_of() { case $1 in score_*) echo "${1#score_}" ;; *) echo "${1%%_*}" ;; esac; }
 
@@ -90,7 +93,13 @@ stage1() {  # data, Stage 0 and Stage 1 of student $1 in run $RUN (each skipped 
 }
 
 hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finetune, eval one hybrid of run $RUN
-  local name=$1 sel=$2 tokens=$3 snaps=${4:-} d="$OUT_DIR/$RUN" layers
+  local name=$1 sel=$2 tokens=$3 snaps=${4:-} d="$OUT_DIR/$RUN" layers keep="$RES/$PART/$1"
+  # a hybrid an interrupted run of this part finished (its files are copied last: the selection, or for the
+  # all-linear student the evals) is kept, not trained again
+  if [ -f "$keep/eval.json" ] && { [ -z "$snaps" ] || [ -f "$keep/eval_curve.json" ]; } &&
+     { [ "$sel" = none ] || [ -f "$keep/selection_$name.json" ]; }; then
+    echo "$(date +%T) $PART: $name: kept from an earlier run ($keep)"; return 0
+  fi
   if [ "$sel" = none ]; then    # the all-linear student: no softmax layer to select
     layers=(--layers=none)
   else
@@ -133,7 +142,14 @@ part() {  # checks, the student's lock, the GPU log, the stages, then `done`
       "student" >&2
     return 3
   fi
-  rm -f "$RES/$PART/times.txt"; mkdir -p "$RES/$PART"
+  if done_part "$1"; then echo "$1 is done ($RES/$1/done): remove $RES/$1 to run it again" >&2; return 2; fi
+  # an interrupted run of this part left its times (and maybe finished hybrids, kept): they count in its GPU time
+  local earlier=0
+  if [ -f "$RES/$PART/times.txt" ]; then
+    earlier=$(awk '{s += $2} END {print s + 0}' "$RES/$PART/times.txt")
+    echo "-- resumed after ${earlier}s of an earlier run" >> "$RES/$PART/times.txt"
+  fi
+  mkdir -p "$RES/$PART"
   if command -v nvidia-smi > /dev/null; then   # the GPU's clocks, power and use every 15 s: a part that ran slower
     # than another says whether its GPU did
     nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 \
@@ -144,7 +160,8 @@ part() {  # checks, the student's lock, the GPU log, the stages, then `done`
   [ -z "$pid" ] || { kill "$pid"; wait "$pid"; } 2> /dev/null
   [ $rc = 0 ] || return $rc
   gpu=$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')
-  echo "$((SECONDS - t0))s on $gpu at $(git describe --always --dirty) $(date +%F)" > "$RES/$PART/done"
+  echo "$((SECONDS - t0 + earlier))s on $gpu at $(git describe --always --dirty) $(date +%F)$( [ "$earlier" = 0 ] ||
+    echo " (${earlier}s of it in an earlier run)")" > "$RES/$PART/done"
   echo "$PART done: $(cat "$RES/$PART/done")"
 }
 
@@ -173,7 +190,8 @@ case "${1:-status}" in
         echo "  done     $p  ($(cat "$RES/$p/done"))"; spent=$((spent + $(cut -d s -f 1 "$RES/$p/done")))
       else
         est=${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}}; left=$((left + est))
-        echo "  pending  $p  (~$est GPU-min on one H200, estimated)"
+        note=""; [ -f "$RES/$p/times.txt" ] && note="; cut short, it resumes with the hybrids it finished: $(finished "$p")"
+        echo "  pending  $p  (~$est GPU-min on one H200, estimated$note)"
       fi
     done
     echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~4 for each part that starts"

@@ -1,14 +1,15 @@
 """results/reproduce.sh, the study at scale, in its CPU preset on the tiny teacher: parts run in order (a kl part
 refuses to start before its student's scores exist; `next` prefers a part whose student's Stage 1 is already there,
-and that part reuses it; `next 2` runs a second part in OUT_DIR/gpu1), leave their files under RES, say they are
-done, take the selection from the committed scores, and results/report.py builds the table and the curve from those
-files."""
+and that part reuses it; `next 2` runs a second part in OUT_DIR/gpu1; a part cut short resumes, keeping the hybrids
+it finished; a part done does not run again), leave their files under RES, say they are done, take the selection
+from the committed scores, and results/report.py builds the table and the curve from those files."""
 
 import fcntl
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +59,26 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert r.returncode == 3 and "another part of gla is running" in r.stderr, r.stderr[-3000:]
     r = study("part", "gla_linear")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = study("part", "gla_linear")   # a part done is not run again by accident
+    assert r.returncode == 2 and "gla_linear is done" in r.stderr and "remove" in r.stderr, r.stderr[-3000:]
+    # a part cut short (here: after its first hybrid, uniform_12, was copied) resumes: that hybrid is kept, not
+    # trained again, and the time spent before counts in the part's time
+    r = study("part", "gla_uniform_small")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    small = res / "gla_uniform_small"
+    (small / "done").unlink()
+    shutil.rmtree(small / "uniform_50")
+    earlier = sum(int(line.split()[1].rstrip("s")) for line in open(small / "times.txt"))
+    status = study("status").stdout
+    assert re.search(r"pending  gla_uniform_small  \(~\d+ GPU-min on one H200, estimated; cut short, it resumes "
+                     r"with the hybrids it finished: uniform_12\)", status), status
+    r = study("part", "gla_uniform_small")
+    assert r.returncode == 0 and "uniform_12: kept from an earlier run" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    resumed = open(small / "times.txt").read().split("-- resumed")[1].split()
+    assert "distill_uniform_50" in resumed and not [s for s in resumed if s.endswith("uniform_12")], resumed
+    assert (small / "uniform_50" / "eval.json").exists() and (small / "uniform_12" / "eval.json").exists()
+    done = (small / "done").read_text()
+    assert int(done.split("s")[0]) >= earlier and f"({earlier}s of it in an earlier run)" in done, done
     # next 2: GPU 0 takes a part of gla (its Stage 1 is in OUT_DIR), GPU 1 the first part in the list, in OUT_DIR/gpu1
     r = study("next", "2")
     assert r.returncode == 0 and "gla_uniform_25 done" in r.stdout and "score_gdn done" in r.stdout, \
