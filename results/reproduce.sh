@@ -10,8 +10,9 @@
 # and GPU (out/study_<student>; out/gpu<i>/study_<student> for GPU i > 0 under `next`): a later part of the same
 # student on the same GPU starts from it, and `next` prefers such parts. `status` says which parts are done; `next`
 # runs the others. A part cut short (a lease ran out) resumes where it stopped: run again, it keeps the hybrids it
-# had finished (their files under results/study/<part>/) and counts the time it spent before; a part done refuses
-# to run again until its folder is removed.
+# had finished (their files under results/study/<part>/, each with the recipe.txt that made it: a run with other
+# sizes is refused) and counts the time it spent before; a part done refuses to run again until its folder is
+# removed.
 #
 #   bash results/reproduce.sh status          # every part, done or not, and its time (measured, or the estimate)
 #   bash results/reproduce.sh next [N]        # the next N parts not done yet, at once, one GPU each (N = GPUs), GPU
@@ -69,7 +70,9 @@ parts() {
   for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_small"; done; done
 }
 done_part() { [ -f "$RES/$1/done" ]; }
-finished() { local f; for f in "$RES/$1"/*/eval.json; do [ -f "$f" ] && basename "$(dirname "$f")"; done | paste -sd ' '; }
+finished() {  # the hybrids of part $1 that are evaluated, on one line
+  local f; for f in "$RES/$1"/*/eval.json; do [ -f "$f" ] && basename "$(dirname "$f")"; done | paste -sd ' '
+}
 known() { case " $(parts | tr '\n' ' ') " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 student_of() { case $1 in score_*) echo "${1#score_}" ;; *) echo "${1%%_*}" ;; esac; }
 
@@ -92,12 +95,24 @@ stage1() {  # data, Stage 0 and Stage 1 of student $1 in run $RUN (each skipped 
     "${SHAPE[@]}" --save_every=200
 }
 
+recipe() {  # recipe NAME TOKENS SNAPSHOTS: what makes a hybrid, but the machine's paths (one line, in recipe.txt)
+  echo "hybrid=$1 teacher=${TEACHER:-default} data=${DATA[*]} align=$(steps "$ALIGN_TOKENS") distill=$(steps "$2")" \
+    "snapshots=$3 finetune=$(steps "$FINETUNE_TOKENS") shape=${SHAPE[*]} eval=--prompts=$PROMPTS ${EVAL[*]}" \
+    "ruler=${RULER:-0}"
+}
+
 hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finetune, eval one hybrid of run $RUN
-  local name=$1 sel=$2 tokens=$3 snaps=${4:-} d="$OUT_DIR/$RUN" layers keep="$RES/$PART/$1"
+  local name=$1 sel=$2 tokens=$3 snaps=${4:-} d="$OUT_DIR/$RUN" layers keep="$RES/$PART/$1" recipe
+  recipe=$(recipe "$name" "$tokens" "$snaps")
   # a hybrid an interrupted run of this part finished (its files are copied last: the selection, or for the
-  # all-linear student the evals) is kept, not trained again
+  # all-linear student the evals) is kept, not trained again, if the same recipe made it
   if [ -f "$keep/eval.json" ] && { [ -z "$snaps" ] || [ -f "$keep/eval_curve.json" ]; } &&
      { [ "$sel" = none ] || [ -f "$keep/selection_$name.json" ]; }; then
+    if [ "$(cat "$keep/recipe.txt" 2> /dev/null)" != "$recipe" ]; then
+      echo "$PART: the $name in $keep was made by another recipe ($keep/recipe.txt), not by this run's:" \
+        "$recipe. Run with the sizes it was made with (the environment), or remove $keep to train it again" >&2
+      return 2
+    fi
     echo "$(date +%T) $PART: $name: kept from an earlier run ($keep)"; return 0
   fi
   if [ "$sel" = none ]; then    # the all-linear student: no softmax layer to select
@@ -123,7 +138,8 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
       --models="$models$d/distill_$name/ckpt.pt" --prompts="$(( (PROMPTS + 3) / 4 ))" "${EVAL[@]}" &&
     cp "$OUT_DIR/${RUN}_curve/eval/eval.json" "$RES/$PART/$name/eval_curve.json" || return 1
   fi
-  [ "$sel" = none ] || cp "$d/select/selection_$name.json" "$RES/$PART/$name/"
+  echo "$recipe" > "$keep/recipe.txt" &&
+  { [ "$sel" = none ] || cp "$d/select/selection_$name.json" "$keep/"; }
 }
 
 part() {  # checks, the student's lock, the GPU log, the stages, then `done`
@@ -154,7 +170,7 @@ part() {  # checks, the student's lock, the GPU log, the stages, then `done`
     # than another says whether its GPU did
     nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 \
       --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
-      > "$RES/$PART/gpu.csv" 2>&1 & pid=$!
+      > "$RES/$PART/gpu.csv" 2>&1 {lock}>&- & pid=$!   # the logger does not hold the lock: killed, it frees it
   fi
   stages "$student" "$method" "$size"; rc=$?
   [ -z "$pid" ] || { kill "$pid"; wait "$pid"; } 2> /dev/null
@@ -190,7 +206,8 @@ case "${1:-status}" in
         echo "  done     $p  ($(cat "$RES/$p/done"))"; spent=$((spent + $(cut -d s -f 1 "$RES/$p/done")))
       else
         est=${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}}; left=$((left + est))
-        note=""; [ -f "$RES/$p/times.txt" ] && note="; cut short, it resumes with the hybrids it finished: $(finished "$p")"
+        note=""
+        [ -f "$RES/$p/times.txt" ] && note="; cut short, it resumes with the hybrids it finished: $(finished "$p")"
         echo "  pending  $p  (~$est GPU-min on one H200, estimated$note)"
       fi
     done

@@ -1,8 +1,9 @@
 """results/reproduce.sh, the study at scale, in its CPU preset on the tiny teacher: parts run in order (a kl part
 refuses to start before its student's scores exist; `next` prefers a part whose student's Stage 1 is already there,
 and that part reuses it; `next 2` runs a second part in OUT_DIR/gpu1; a part cut short resumes, keeping the hybrids
-it finished; a part done does not run again), leave their files under RES, say they are done, take the selection
-from the committed scores, and results/report.py builds the table and the curve from those files."""
+it finished, but not with other sizes; a part done does not run again), leave their files under RES, say they are
+done, take the selection from the committed scores, and results/report.py builds the table and the curve from those
+files."""
 
 import fcntl
 import importlib.util
@@ -28,9 +29,9 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
                OUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1", PYTHON=sys.executable,
                PATH=f"{bin_dir}:{os.environ['PATH']}")
 
-    def study(*args):
-        return subprocess.run(["bash", "results/reproduce.sh", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=900)
+    def study(*args, **sizes):
+        return subprocess.run(["bash", "results/reproduce.sh", *args], cwd=ROOT, env=dict(env, **sizes),
+                              capture_output=True, text=True, timeout=900)
 
     r = study("part", "gla_kl_25")
     assert r.returncode == 2 and "needs the scores of part score_gla" in r.stderr
@@ -68,13 +69,17 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     small = res / "gla_uniform_small"
     (small / "done").unlink()
     shutil.rmtree(small / "uniform_50")
-    earlier = sum(int(line.split()[1].rstrip("s")) for line in open(small / "times.txt"))
     status = study("status").stdout
     assert re.search(r"pending  gla_uniform_small  \(~\d+ GPU-min on one H200, estimated; cut short, it resumes "
                      r"with the hybrids it finished: uniform_12\)", status), status
+    # resumed with other sizes, it would mix two recipes in one part: refused, the fix named
+    r = study("part", "gla_uniform_small", SMALL_TOKENS="128")
+    assert r.returncode == 2 and "uniform_12" in r.stderr and "made by another recipe" in r.stderr and \
+        "distill=1 " in r.stderr and "remove" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    earlier = sum(int(line.split()[1].rstrip("s")) for line in open(small / "times.txt") if line[:2] != "--")
     r = study("part", "gla_uniform_small")
     assert r.returncode == 0 and "uniform_12: kept from an earlier run" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    resumed = open(small / "times.txt").read().split("-- resumed")[1].split()
+    resumed = open(small / "times.txt").read().split("-- resumed")[-1].split()
     assert "distill_uniform_50" in resumed and not [s for s in resumed if s.endswith("uniform_12")], resumed
     assert (small / "uniform_50" / "eval.json").exists() and (small / "uniform_12" / "eval.json").exists()
     done = (small / "done").read_text()
