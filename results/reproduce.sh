@@ -70,8 +70,8 @@ parts() {
   for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_small"; done; done
 }
 done_part() { [ -f "$RES/$1/done" ]; }
-finished() {  # the hybrids of part $1 that are evaluated, on one line
-  local f; for f in "$RES/$1"/*/eval.json; do [ -f "$f" ] && basename "$(dirname "$f")"; done | paste -sd ' '
+finished() {  # the hybrids of part $1 that are complete (hybrid writes their recipe.txt last), on one line
+  local f; for f in "$RES/$1"/*/recipe.txt; do [ -f "$f" ] && basename "$(dirname "$f")"; done | paste -sd ' '
 }
 known() { case " $(parts | tr '\n' ' ') " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 student_of() { case $1 in score_*) echo "${1#score_}" ;; *) echo "${1%%_*}" ;; esac; }
@@ -104,11 +104,10 @@ recipe() {  # recipe NAME TOKENS SNAPSHOTS: what makes a hybrid, but the machine
 hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finetune, eval one hybrid of run $RUN
   local name=$1 sel=$2 tokens=$3 snaps=${4:-} d="$OUT_DIR/$RUN" layers keep="$RES/$PART/$1" recipe
   recipe=$(recipe "$name" "$tokens" "$snaps")
-  # a hybrid an interrupted run of this part finished (its files are copied last: the selection, or for the
-  # all-linear student the evals) is kept, not trained again, if the same recipe made it
-  if [ -f "$keep/eval.json" ] && { [ -z "$snaps" ] || [ -f "$keep/eval_curve.json" ]; } &&
-     { [ "$sel" = none ] || [ -f "$keep/selection_$name.json" ]; }; then
-    if [ "$(cat "$keep/recipe.txt" 2> /dev/null)" != "$recipe" ]; then
+  # a hybrid an interrupted run of this part finished (its recipe.txt, written after its other files) is kept, not
+  # trained again, if the same recipe made it
+  if [ -f "$keep/recipe.txt" ]; then
+    if [ "$(cat "$keep/recipe.txt")" != "$recipe" ]; then
       echo "$PART: the $name in $keep was made by another recipe ($keep/recipe.txt), not by this run's:" \
         "$recipe. Run with the sizes it was made with (the environment), or remove $keep to train it again" >&2
       return 2
@@ -130,16 +129,16 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
     --save_every=200 --valid_batches=16 || return 1
   st "eval_$name" $PY eval.py --run_name="$RUN" --out_dir="$OUT_DIR" --models="$d/finetune_$name/ckpt.pt" \
     --prompts="$PROMPTS" "${EVAL[@]}" "${RULER_ARGS[@]}" || return 1
-  mkdir -p "$RES/$PART/$name" && cp "$d/eval/eval.json" "$RES/$PART/$name/" || return 1
+  mkdir -p "$keep" && cp "$d/eval/eval.json" "$keep/" || return 1
   if [ -n "$snaps" ]; then   # the curve: the snapshots and the whole distill, with a quarter of the prompts
     local models="" n
     for n in ${snaps//,/ }; do models="$models$d/distill_$name/tokens_$n/ckpt.pt,"; done
     st "eval_curve_$name" $PY eval.py --run_name="${RUN}_curve" --out_dir="$OUT_DIR" --data_dir="$d/data" \
       --models="$models$d/distill_$name/ckpt.pt" --prompts="$(( (PROMPTS + 3) / 4 ))" "${EVAL[@]}" &&
-    cp "$OUT_DIR/${RUN}_curve/eval/eval.json" "$RES/$PART/$name/eval_curve.json" || return 1
+    cp "$OUT_DIR/${RUN}_curve/eval/eval.json" "$keep/eval_curve.json" || return 1
   fi
-  echo "$recipe" > "$keep/recipe.txt" &&
-  { [ "$sel" = none ] || cp "$d/select/selection_$name.json" "$keep/"; }
+  { [ "$sel" = none ] || cp "$d/select/selection_$name.json" "$keep/"; } &&
+  echo "$recipe" > "$keep/recipe.txt"   # last: a hybrid with its recipe.txt is complete
 }
 
 part() {  # checks, the student's lock, the GPU log, the stages, then `done`
