@@ -2,7 +2,8 @@
 The study's report from its committed files (results/reproduce.sh writes them part by part): one table of every
 hybrid (student x method x budget) beside the teacher and the all-linear student, the retention of the teacher's
 recall per length, the KL-guided hybrid's lead over the other selections of its student and budget, the curve of
-recall against distill tokens of the 25% hybrids, and the per-layer score plots of both students. CPU only; parts
+recall against distill tokens of the 25% hybrids, recall against the number of softmax layers, and the per-layer
+score plots of both students. CPU only; parts
 not run yet are left out, parts started but not finished named.
 
     python results/report.py                       # prints the report, writes results/study/report.md (+ png)
@@ -75,6 +76,21 @@ def gaps(finals, se):
                  f"{2 ** 0.5 * se / 3 ** 0.5:.3f} for the recall column, {2 ** 0.5 * se:.3f} per length:", "",
                  *lines, ""]
     return lines
+
+
+def budget_lines(finals):
+    """Recall against the number of softmax layers: one line per student and selection method, from its student's
+    all-linear point (0 softmax layers) where that was evaluated, through each budget's hybrid."""
+    lines = {}
+    for (student, name), m in finals.items():
+        if name != "linear":
+            k = sum(x == "attn" for x in m["mixers"])
+            lines.setdefault((student, name.rsplit("_", 1)[0]), []).append((k, m["recall"]["avg"]))
+    for (student, _), points in lines.items():
+        if (student, "linear") in finals:
+            points.append((0, finals[(student, "linear")]["recall"]["avg"]))
+        points.sort()
+    return dict(sorted(lines.items()))
 
 
 def se_bound(ev):
@@ -156,6 +172,18 @@ def main(cfg):
                    ylim=(0, None))
         report += [save_plot(os.path.join(os.path.dirname(out), "curve.png"), draw, (7.5, 3.5),
                              "Recall against distill tokens"), ""]
+    lines = budget_lines(finals)
+    if any(len(points) > 1 for points in lines.values()):
+        def draw(ax):
+            methods = sorted({method for _, method in lines})
+            for (student, method), points in lines.items():   # colours and line styles as in the curve
+                ax.plot(*zip(*points), marker="o", label=f"{student} {method}", color=f"C{methods.index(method)}",
+                        ls="-" if student == "gla" else "--")
+            ax.axhline(teacher["recall"]["avg"], color="gray", ls=":", label="teacher")
+            ax.set(xlabel=f"softmax layers (of {len(teacher['mixers'])})", ylabel="recall (1K/2K/4K average)",
+                   title="recall against softmax layers", ylim=(0, None))
+        report += [save_plot(os.path.join(os.path.dirname(out), "budget.png"), draw, (7.5, 3.5),
+                             "Recall against softmax layers"), ""]
     if scores:
         def draw(ax):
             for student, s in scores.items():

@@ -124,3 +124,16 @@ def test_report_gaps_compare_one_student_and_budget():
                                                         "- gla kl_25 - uniform_25: +0.300 (+0.300 / +0.300 / +0.300)"]
     assert "at most 0.016 for the recall column, 0.028 per length" in lines[0]
     assert report.gaps({("gla", "kl_25"): finals[("gla", "kl_25")]}, 0.02) == []   # nothing to compare with
+
+
+def test_report_budget_lines_run_from_the_linear_student_by_softmax_layers():
+    """The plot of recall against softmax layers: one line per student and method, its points ordered by the number
+    of softmax layers, starting from the same student's all-linear point (and only where that exists)."""
+    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "results", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    m = lambda k, avg: {"mixers": ["attn"] * k + ["gla"] * (8 - k), "recall": {"avg": avg}}  # noqa: E731
+    finals = {("gla", "kl_50"): m(4, 0.4), ("gla", "kl_12"): m(1, 0.2), ("gla", "linear"): m(0, 0.0),
+              ("gla", "ga_s1_12"): m(1, 0.1), ("gdn", "kl_25"): m(2, 0.3)}
+    assert report.budget_lines(finals) == {("gdn", "kl"): [(2, 0.3)], ("gla", "ga_s1"): [(0, 0.0), (1, 0.1)],
+                                           ("gla", "kl"): [(0, 0.0), (1, 0.2), (4, 0.4)]}
