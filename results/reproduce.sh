@@ -60,7 +60,8 @@ RULER_ARGS=()   # the final evals', not the curve's
 # transfer ~30 s; Stage 1 198 s (GLA on its sub-chunk kernel, session 13) or 232 s (GDN); scoring 365-420 s (sessions
 # 9 and 11); a 25% distill of 50M tokens 320-357 s (GDN, sessions 11 and 12; GLA 337 s, session 13), the all-linear
 # one 310 s (GLA, session 13), one of 12.5M ~93 s (GLA, session 13), finetune 56-93 s, eval 72-87 s and the curve's
-# 46-55 s; session 12's gdn_uniform_25 took 833 s in all, session 13's gla_ga_s1_25 789 s
+# 46-55 s; session 12's gdn_uniform_25 took 833 s in all, session 13's gla_ga_s1_25 789 s, session 14's GLA small
+# parts 503-524 s each from a Stage 1 on their machine (gla_kl_small's second half 548 s with its own Stage 1)
 declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=13)
 
 parts() {
