@@ -41,9 +41,13 @@ case ${1:-} in
     mkdir -p $HOME/parts $HOME/corpus $R && cp .carry/t1/gg.* $HOME/parts/ && cp .carry/t1/corpus/* $HOME/corpus/ &&
     nvidia-smi --query-gpu=name,clocks.sm,power.draw,memory.used --format=csv; git describe --always --dirty ;;
   setup2)
-    shift; [ $# -gt 0 ] || { echo "setup2 needs the parts, a quoted group per GPU: setup2 \"gdn_linear gdn_kl_small\""; exit 2; }
+    shift
+    [ $# -gt 0 ] || { echo "setup2 needs the parts, a quoted group per GPU: setup2 \"A B\" [\"C D\"]"; exit 2; }
+    ls .carry/whl/gguf-*.whl > /dev/null ||
+      { echo "no gguf wheel: carry .carry/whl too (\`bash results/lease.sh pack\` makes it)"; exit 1; }
     cp .carry/t2/gg.* $HOME/parts/ && mkdir -p $HOME/nhc && cat $HOME/parts/gg.* > $HOME/nhc/$GGUF &&
-    echo "$SHA  $HOME/nhc/$GGUF" | sha256sum -c - || { echo "the teacher is incomplete: did setup1 run in this lease?"; exit 1; }
+    echo "$SHA  $HOME/nhc/$GGUF" | sha256sum -c - ||
+      { echo "the teacher is incomplete: did setup1 run in this lease (carrying .carry/t1)?"; exit 1; }
     rm -rf $R/timeline.txt $R/S_*.log $R/study $HOME/repo && mkdir -p $HOME/repo $R/study && cp -a . $HOME/repo/ &&
     rm -rf $HOME/repo/.carry/t1 $HOME/repo/.carry/t2 && cp -r results/study/. $R/study/
     (cd $HOME/repo && git describe --always --dirty)
