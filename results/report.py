@@ -3,8 +3,7 @@ The study's report from its committed files (results/reproduce.sh writes them pa
 hybrid (student x method x budget) beside the teacher and the all-linear student, the retention of the teacher's
 recall per length, the KL-guided hybrid's lead over the other selections of its student and budget, the curve of
 recall against distill tokens of the 25% hybrids, recall against the number of softmax layers, and the per-layer
-score plots of both students. CPU only; parts
-not run yet are left out, parts started but not finished named.
+score plots of both students. CPU only; parts not run yet are left out, parts started but not finished named.
 
     python results/report.py                       # prints the report, writes results/study/report.md (+ png)
     python results/report.py --res=results/study --out=results/study/report.md
@@ -57,6 +56,16 @@ def save_plot(path, draw, size, what):
     return f"{what}: {os.path.basename(path)}"
 
 
+def softmax_layers(m):
+    """How many of an eval's model's layers kept softmax attention."""
+    return sum(x == "attn" for x in m["mixers"])
+
+
+def style(student, method):
+    """A colour per selection method and a line style per student, the same in every plot."""
+    return dict(color=f"C{('ga_s1', 'kl', 'uniform').index(method)}", ls="-" if student == "gla" else "--")
+
+
 def gaps(finals, se):
     """The KL-guided hybrid's lead over each other selection of the same student and budget: recall, then per length,
     and the bound on a difference's standard error (two independent evals: sqrt(2) times one's)."""
@@ -84,8 +93,7 @@ def budget_lines(finals):
     lines = {}
     for (student, name), m in finals.items():
         if name != "linear":
-            k = sum(x == "attn" for x in m["mixers"])
-            lines.setdefault((student, name.rsplit("_", 1)[0]), []).append((k, m["recall"]["avg"]))
+            lines.setdefault((student, name.rsplit("_", 1)[0]), []).append((softmax_layers(m), m["recall"]["avg"]))
     for (student, _), points in lines.items():
         if (student, "linear") in finals:
             points.append((0, finals[(student, "linear")]["recall"]["avg"]))
@@ -132,8 +140,7 @@ def main(cfg):
             if final is None:
                 continue
             finals[(student, name)] = final
-            k = sum(x == "attn" for x in final["mixers"])
-            lines.append(row(f"{student} {name} ({k} softmax)", final, teacher))
+            lines.append(row(f"{student} {name} ({softmax_layers(final)} softmax)", final, teacher))
             by_task.append(task_row(f"{student} {name}", final))
             curve = os.path.join(cfg.res, part_of[(student, name)], name, "eval_curve.json")
             if os.path.exists(curve):   # snapshots and the whole distill, evaluated with fewer prompts
@@ -163,10 +170,9 @@ def main(cfg):
                    + ", ".join(f"{i} {sc[i]:.3f}" for i in order), ""]
     if curves:
         def draw(ax):
-            methods = sorted({name.rsplit("_", 1)[0] for _, name in curves})
-            for (student, name), c in curves.items():   # a colour per method, a line style per student
+            for (student, name), c in curves.items():
                 ax.plot([label for label, _ in c], [v for _, v in c], marker="o", label=f"{student} {name}",
-                        color=f"C{methods.index(name.rsplit('_', 1)[0])}", ls="-" if student == "gla" else "--")
+                        **style(student, name.rsplit("_", 1)[0]))
             ax.axhline(teacher["recall"]["avg"], color="gray", ls=":", label="teacher")
             ax.set(xlabel="distill tokens", ylabel="recall (1K/2K/4K average)", title="recall against distill tokens",
                    ylim=(0, None))
@@ -175,10 +181,8 @@ def main(cfg):
     lines = budget_lines(finals)
     if any(len(points) > 1 for points in lines.values()):
         def draw(ax):
-            methods = sorted({method for _, method in lines})
-            for (student, method), points in lines.items():   # colours and line styles as in the curve
-                ax.plot(*zip(*points), marker="o", label=f"{student} {method}", color=f"C{methods.index(method)}",
-                        ls="-" if student == "gla" else "--")
+            for (student, method), points in lines.items():
+                ax.plot(*zip(*points), marker="o", label=f"{student} {method}", **style(student, method))
             ax.axhline(teacher["recall"]["avg"], color="gray", ls=":", label="teacher")
             ax.set(xlabel=f"softmax layers (of {len(teacher['mixers'])})", ylabel="recall (1K/2K/4K average)",
                    title="recall against softmax layers", ylim=(0, None))
