@@ -61,8 +61,9 @@ RULER_ARGS=()   # the final evals', not the curve's
 # 9 and 11); a 25% distill of 50M tokens 320-357 s (GDN, sessions 11 and 12; GLA 337 s, session 13), the all-linear
 # one 310 s (GLA, session 13), one of 12.5M ~93 s (GLA, session 13), finetune 56-93 s, eval 72-87 s and the curve's
 # 46-55 s; session 12's gdn_uniform_25 took 833 s in all, session 13's gla_ga_s1_25 789 s, session 14's GLA small
-# parts 503-524 s each from a Stage 1 on their machine (gla_kl_small's second half 548 s with its own Stage 1)
-declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=13)
+# parts 503-524 s each from a Stage 1 on their machine (gla_kl_small's second half 548 s with its own Stage 1),
+# session 15's GDN ones 879 s with their own Stage 1 (244 s; gdn_kl_small) and 555 s from one (gdn_ga_s1_small)
+declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=15)
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
