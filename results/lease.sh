@@ -13,7 +13,9 @@
 #                                               # then each group of parts started on its own GPU (GPU i, OUT_DIR
 #                                               # ~/out<i>: a part reuses the Stage 1 that an earlier part of its
 #                                               # student left there), in the background, one after another; a
-#                                               # group stops at a part that fails
+#                                               # group stops at a part that fails. A part cut by the end of the
+#                                               # lease keeps only the hybrids it finished, so put the one-hybrid
+#                                               # parts (*_25, *_linear) first and the *_small ones last
 #   bash results/lease.sh poll [N]              # there: wait up to N s (less when a part ends or fails), say where
 #                                               # things stand, send ~/res (the parts' files, logs, timeline) as
 #                                               # $OUT/res.tgz
