@@ -64,6 +64,7 @@ RULER_ARGS=()   # the final evals', not the curve's
 # parts 503-524 s each from a Stage 1 on their machine (gla_kl_small's second half 548 s with its own Stage 1),
 # session 15's GDN ones 879 s with their own Stage 1 (244 s; gdn_kl_small) and 555 s from one (gdn_ga_s1_small)
 declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=15)
+SMALL_HYBRID_MIN=5   # of a small part's 15: select, distill 12.5M, finetune and eval of one of its two hybrids
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
@@ -206,9 +207,11 @@ case "${1:-status}" in
       if done_part "$p"; then
         echo "  done     $p  ($(cat "$RES/$p/done"))"; spent=$((spent + $(cut -d s -f 1 "$RES/$p/done")))
       else
-        est=${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}}; left=$((left + est))
-        note=""
-        [ -f "$RES/$p/times.txt" ] && note="; cut short, it resumes with the hybrids it finished: $(finished "$p")"
+        est=${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}}
+        note="" kept=$(finished "$p")
+        [ -f "$RES/$p/times.txt" ] && note="; cut short, it resumes with the hybrids it finished: $kept"
+        [[ $p == *_small ]] && est=$((est - SMALL_HYBRID_MIN * $(wc -w <<< "$kept")))
+        left=$((left + est))
         echo "  pending  $p  (~$est GPU-min on one H200, estimated$note)"
       fi
     done

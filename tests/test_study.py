@@ -70,8 +70,10 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     (small / "done").unlink()
     shutil.rmtree(small / "uniform_50")
     status = study("status").stdout
-    assert re.search(r"pending  gla_uniform_small  \(~\d+ GPU-min on one H200, estimated; cut short, it resumes "
-                     r"with the hybrids it finished: uniform_12\)", status), status
+    cut = re.search(r"pending  gla_uniform_small  \(~(\d+) GPU-min on one H200, estimated; cut short, it resumes "
+                    r"with the hybrids it finished: uniform_12\)", status)
+    fresh = re.search(r"pending  gla_ga_s1_small  \(~(\d+) GPU-min", status)
+    assert cut and fresh and int(cut[1]) < int(fresh[1]), status   # its finished hybrid is not counted as left
     # resumed with other sizes, it would mix two recipes in one part: refused, the fix named
     r = study("part", "gla_uniform_small", SMALL_TOKENS="128")
     assert r.returncode == 2 and "uniform_12" in r.stderr and "made by another recipe" in r.stderr and \
