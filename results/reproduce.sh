@@ -25,7 +25,10 @@
 # ga_s1: <student>_<method>_25 (Stage 1 again, the 25% hybrid with DISTILL_TOKENS and snapshots at 5M and 20M tokens
 # for the curve of recall against tokens); <student>_linear (Stage 1 again, the all-linear bound with
 # DISTILL_TOKENS); <student>_<method>_small (Stage 1 again, the 12.5% and 50% hybrids with SMALL_TOKENS). Every
-# hybrid is finetuned and evaluated beside the teacher. Same seed, data and steps for every method.
+# hybrid is finetuned and evaluated beside the teacher. Same seed, data and steps for every method. Last,
+# gdn_kl_seqlen: is 4096 the length to distill at? The GDN kl 25% hybrid distilled at each of SEQLENS (the same tokens
+# per step, so the same steps and data) up to the curve's last snapshot, evaluated as the curve is (not finetuned),
+# beside gdn_kl_25's snapshot at 4096.
 #
 # Sizes (environment): ALIGN_TOKENS, DISTILL_TOKENS, SMALL_TOKENS, FINETUNE_TOKENS, SEQ_LEN, BATCH, PROMPTS (recall
 # prompts per task and length: 100 keeps a cell's standard error under 0.05), RULER=1 (lm-eval's offline RULER too,
@@ -40,13 +43,13 @@ STUDENTS=(gla gdn); METHODS=(kl uniform ga_s1)
 if [ "${PRESET:-gpu}" = cpu ]; then
   ALIGN_TOKENS=${ALIGN_TOKENS:-512}; DISTILL_TOKENS=${DISTILL_TOKENS:-512}; SMALL_TOKENS=${SMALL_TOKENS:-256}
   FINETUNE_TOKENS=${FINETUNE_TOKENS:-256}; SEQ_LEN=${SEQ_LEN:-64}; BATCH=${BATCH:-2}; PROMPTS=${PROMPTS:-1}
-  SNAPSHOTS="128,256"; SCORE=(--steps=2 --eval_every=1 --patience=0 --batch_size=2 --seq_len=64)
+  SNAPSHOTS="128,256"; SEQLENS="128 32"; SCORE=(--steps=2 --eval_every=1 --patience=0 --batch_size=2 --seq_len=64)
   EVAL=(--lengths=1024 --tasks=niah_single --ppl_seq_len=64 --ppl_windows=2 --batch_size=2 --device=cpu)
   DATA=(--max_tokens=400000 --valid_tokens=40000)
 else
   ALIGN_TOKENS=${ALIGN_TOKENS:-50000000}; DISTILL_TOKENS=${DISTILL_TOKENS:-50000000}
   SMALL_TOKENS=${SMALL_TOKENS:-12500000}; FINETUNE_TOKENS=${FINETUNE_TOKENS:-5000000}; SEQ_LEN=${SEQ_LEN:-4096}
-  BATCH=${BATCH:-8}; PROMPTS=${PROMPTS:-100}; SNAPSHOTS="5000000,20000000"
+  BATCH=${BATCH:-8}; PROMPTS=${PROMPTS:-100}; SNAPSHOTS="5000000,20000000"; SEQLENS="8192 2048"
   SCORE=(--steps=300 --eval_every=10 --patience=3 --batch_size=8 --seq_len=1024)   # the early stop ends them
   EVAL=(--lengths=1024,2048,4096 --batch_size=32 --speed=off)
   DATA=(--max_tokens=100000000)
@@ -63,7 +66,9 @@ RULER_ARGS=()   # the final evals', not the curve's
 # 46-55 s; session 12's gdn_uniform_25 took 833 s in all, session 13's gla_ga_s1_25 789 s, session 14's GLA small
 # parts 503-524 s each from a Stage 1 on their machine (gla_kl_small's second half 548 s with its own Stage 1),
 # session 15's GDN ones 879 s with their own Stage 1 (244 s; gdn_kl_small) and 555 s from one (gdn_ga_s1_small)
-declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=15)
+# gdn_kl_seqlen: Stage 1, then at 8192 and 2048 a 20M-token distill (~3 and ~2 min, guessed from the 4096 ones) and
+# the curve's eval (~1 min each)
+declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=15 [seqlen]=12)
 SMALL_HYBRID_MIN=5   # of a small part's 15: select, distill 12.5M, finetune and eval of one of its two hybrids
 
 parts() {
@@ -71,6 +76,7 @@ parts() {
   for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_25"; done; done
   for s in "${STUDENTS[@]}"; do echo "${s}_linear"; done
   for s in "${STUDENTS[@]}"; do for m in "${METHODS[@]}"; do echo "${s}_${m}_small"; done; done
+  echo gdn_kl_seqlen   # one student, the paper's
 }
 done_part() { [ -f "$RES/$1/done" ]; }
 finished() {  # the hybrids of part $1 that are complete (hybrid writes their recipe.txt last), on one line
@@ -126,11 +132,16 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
     layers=(--selection="$d/select/selection_$name.json")
   fi
   st "distill_$name" $PY distill.py --run_name="$RUN" --out_dir="$OUT_DIR" "${layers[@]}" --out="distill_$name" \
-    --resume=true --steps="$(steps "$tokens")" "${SHAPE[@]}" --save_every=200 --valid_batches=16 --snapshots="$snaps" &&
-  st "finetune_$name" $PY finetune.py --run_name="$RUN" --out_dir="$OUT_DIR" --input="$d/distill_$name/ckpt.pt" \
-    --out="finetune_$name" --resume=true --steps="$(steps "$FINETUNE_TOKENS")" "${SHAPE[@]}" --kl_weight=0.5 \
-    --save_every=200 --valid_batches=16 || return 1
-  st "eval_$name" $PY eval.py --run_name="$RUN" --out_dir="$OUT_DIR" --models="$d/finetune_$name/ckpt.pt" \
+    --resume=true --steps="$(steps "$tokens")" "${SHAPE[@]}" --save_every=200 --valid_batches=16 --snapshots="$snaps" ||
+    return 1
+  local final="$d/distill_$name/ckpt.pt"   # FINETUNE_TOKENS=0: the distilled model is evaluated
+  if [ "$FINETUNE_TOKENS" != 0 ]; then
+    final="$d/finetune_$name/ckpt.pt"
+    st "finetune_$name" $PY finetune.py --run_name="$RUN" --out_dir="$OUT_DIR" --input="$d/distill_$name/ckpt.pt" \
+      --out="finetune_$name" --resume=true --steps="$(steps "$FINETUNE_TOKENS")" "${SHAPE[@]}" --kl_weight=0.5 \
+      --save_every=200 --valid_batches=16 || return 1
+  fi
+  st "eval_$name" $PY eval.py --run_name="$RUN" --out_dir="$OUT_DIR" --models="$final" \
     --prompts="$PROMPTS" "${EVAL[@]}" "${RULER_ARGS[@]}" || return 1
   mkdir -p "$keep" && cp "$d/eval/eval.json" "$keep/" || return 1
   if [ -n "$snaps" ]; then   # the curve: the snapshots and the whole distill, with a quarter of the prompts
@@ -192,6 +203,14 @@ stages() {  # stages STUDENT METHOD SIZE: Stage 1, then the part's own stages
     cp "$OUT_DIR/$RUN/score/scores.json" "$RES/$PART/"
   elif [ "$method" = linear ]; then   # the all-linear bound
     hybrid linear none "$DISTILL_TOKENS"
+  elif [ "$size" = seqlen ]; then   # the 25% hybrid up to the last snapshot, at each length: same tokens per step
+    local L
+    for L in $SEQLENS; do
+      [ $((BATCH * SEQ_LEN % L)) = 0 ] || { echo "SEQLENS: $L does not divide BATCH x SEQ_LEN" >&2; return 2; }
+      (BATCH=$((BATCH * SEQ_LEN / L)) SEQ_LEN=$L FINETUNE_TOKENS=0 PROMPTS=$(( (PROMPTS + 3) / 4 )) RULER_ARGS=()
+       SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
+       hybrid "kl_25_s$L" "--method=kl --budget=0.25 $src" "${SNAPSHOTS##*,}") || return 1
+    done
   elif [ "$size" = 25 ]; then
     hybrid "${method}_25" "--method=$method --budget=0.25 $src" "$DISTILL_TOKENS" "$SNAPSHOTS"
   else
