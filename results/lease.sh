@@ -14,8 +14,9 @@
 #                                               # ~/out<i>: a part reuses the Stage 1 that an earlier part of its
 #                                               # student left there), in the background, one after another; a
 #                                               # group stops at a part that fails. A part cut by the end of the
-#                                               # lease keeps only the hybrids it finished, so put the one-hybrid
-#                                               # parts (*_25, *_linear) first and the *_small ones last
+#                                               # lease keeps only the hybrids it finished, so put the parts of one
+#                                               # result (score_*, *_25, *_linear) first, those of two (*_small,
+#                                               # gdn_kl_seqlen) last
 #   bash results/lease.sh poll [N]              # there: wait up to N s (less when a part ends or fails), say where
 #                                               # things stand, send ~/res (the parts' files, logs, timeline) as
 #                                               # $OUT/res.tgz

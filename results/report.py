@@ -3,7 +3,8 @@ The study's report from its committed files (results/reproduce.sh writes them pa
 hybrid (student x method x budget) beside the teacher and the all-linear student, the retention of the teacher's
 recall per length, the KL-guided hybrid's lead over the other selections of its student and budget, the curve of
 recall against distill tokens of the 25% hybrids, recall against the number of softmax layers, recall against the
-distill's sequence length, and the per-layer score plots of both students. CPU only; parts not run yet are left out, parts started but not finished named.
+distill's sequence length, and the per-layer score plots of both students. CPU only; parts not run yet are left
+out, parts started but not finished named.
 
     python results/report.py                       # prints the report, writes results/study/report.md (+ png)
     python results/report.py --res=results/study --out=results/study/report.md
@@ -102,29 +103,32 @@ def budget_lines(finals):
     return dict(sorted(lines.items()))
 
 
-def seqlen_lines(evals, part_of, res):
-    """The 25% kl hybrids distilled at other sequence lengths (hybrids kl_25_s<L>, not finetuned) beside the same
-    student's kl_25 curve snapshot at the same tokens (the curve's last): recall, per length, KL."""
-    rows = {}
+def seqlen_lines(evals, part_of, res, se):
+    """The 25% kl hybrids distilled at other sequence lengths (hybrids kl_25_s<L>, not finetuned, their evals' largest
+    standard error bound se) beside the same student's kl_25 curve snapshot at the same tokens (the curve's last), at
+    the length its distill log says: recall, per length, KL."""
+    rows = {}   # (student, length, from the curve) -> the model's eval
     for (student, name), models in evals.items():
         if name.startswith("kl_25_s"):
-            rows[(student, int(name[len("kl_25_s"):]))] = next(m for label, m in models.items()
-                                                                 if label.startswith("distill"))
-    for student in {s for s, _ in rows}:   # the kl_25 hybrid's length, from the recipe.txt that made it
-        keep = os.path.join(res, part_of.get((student, "kl_25"), ""), "kl_25")
-        if os.path.exists(os.path.join(keep, "eval_curve.json")):
-            models = json.load(open(os.path.join(keep, "eval_curve.json")))["models"]
+            rows[(student, int(name[len("kl_25_s"):]), False)] = next(m for label, m in models.items()
+                                                                        if label.startswith("distill"))
+    for student in {s for s, _, _ in rows}:
+        part = os.path.join(res, part_of.get((student, "kl_25"), ""))
+        if os.path.exists(os.path.join(part, "kl_25", "eval_curve.json")):
+            models = json.load(open(os.path.join(part, "kl_25", "eval_curve.json")))["models"]
             n = max(int(label.split("_")[1]) for label in models if label.startswith("tokens_"))
-            L = int(re.search(r"--seq_len=(\d+)", open(os.path.join(keep, "recipe.txt")).read())[1])
-            rows[(student, L)] = dict(models[f"tokens_{n}"], curve=True)
+            log = open(os.path.join(part, "logs", "distill_kl_25.log")).read()   # its config, printed first
+            L = int(re.search(r"^\s*seq_len = (\d+)$", log, re.M)[1])
+            rows[(student, L, True)] = models[f"tokens_{n}"]
     if not rows:
         return []
-    lines = ["Recall against the distill's sequence length (the kl 25% hybrids, the same tokens per step and steps, not "
-             "finetuned, a quarter of the prompts):", "", "| student | distill length | recall | 1K / 2K / 4K | KL |",
+    lines = ["Recall against the distill's sequence length (the kl 25% hybrids, the same tokens per step and steps, "
+             f"not finetuned, a quarter of the prompts; standard error of an average at most {se / 3 ** 0.5:.3f}, of "
+             f"a length {se:.3f}):", "", "| student | distill length | recall | 1K / 2K / 4K | KL |",
              "|---|---|---|---|---|"]
-    for (student, L), m in sorted(rows.items()):
+    for (student, L, curve), m in sorted(rows.items()):
         by = m["recall"]["by_length"]
-        lines.append(f"| {student} | {L}{' (kl_25, the curve)' if m.get('curve') else ''} | {m['recall']['avg']:.3f} | "
+        lines.append(f"| {student} | {L}{' (kl_25, the curve)' if curve else ''} | {m['recall']['avg']:.3f} | "
                      + " / ".join(f"{by.get(n, float('nan')):.3f}" for n in LENGTHS) + f" | {m.get('kl') or 0:.3f} |")
     return lines + [""]
 
@@ -139,11 +143,14 @@ def se_bound(ev):
 def main(cfg):
     out = cfg.out or os.path.join(cfg.res, "report.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    evals, part_of, se = {}, {}, []   # (student, name) -> eval.json's models, the part that made it; SE bounds
+    evals, part_of, se, seqlen_se = {}, {}, [], 0.   # (student, name) -> eval.json's models, the part that made it;
+    # the SE bounds of the finetuned hybrids' evals (the table's), the largest of the others
     for path in sorted(glob.glob(os.path.join(cfg.res, "*", "*", "eval.json"))):
         ev = json.load(open(path))
         if any(label.startswith("finetune") for label in ev["models"]):   # the table's evals
             se.append(se_bound(ev))
+        else:
+            seqlen_se = max(seqlen_se, se_bound(ev))
         part, name = path.split(os.sep)[-3:-1]
         student = part.split("_")[1] if part.startswith("score_") else part.split("_")[0]
         evals[(student, name)] = ev["models"]
@@ -155,8 +162,8 @@ def main(cfg):
                          f"{cfg.res}/score_<student>/: run `bash results/reproduce.sh next` first")
     report = ["# The study: KL-guided selection at scale", ""]
     curves, curve_se, finals = {}, 0., {}   # (student, name) -> [(tokens, recall)], its evals' largest SE bound
-    if se:   # a finetuned hybrid evaluated
-        teacher = next(iter(evals.values()))["teacher"]
+    if se:   # a finetuned hybrid evaluated: the teacher as its eval saw it, with all the prompts
+        teacher = next(m["teacher"] for m in evals.values() if any(label.startswith("finetune") for label in m))
         lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
                  row("teacher", teacher, teacher)]
         tasks = list(teacher["recall"]["by_task"])   # where the recall is lost: per task, over the lengths
@@ -193,7 +200,7 @@ def main(cfg):
                    f"average at most {curve_se / 3 ** 0.5:.3f}; the last point finetuned, with all the prompts):", ""]
         report += [f"- {student} {name}: " + ", ".join(f"{n} {v:.3f}" for n, v in c)
                    for (student, name), c in curves.items()] + [""]
-    report += seqlen_lines(evals, part_of, cfg.res)
+    report += seqlen_lines(evals, part_of, cfg.res, seqlen_se)
     for student, sc in scores.items():   # lower = more important: the order kl keeps them in
         order = sorted(range(len(sc)), key=lambda i: sc[i])
         report += [f"Scores of {student} (probe KL, lower = keep softmax), most important first: "

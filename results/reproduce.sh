@@ -54,6 +54,9 @@ else
   EVAL=(--lengths=1024,2048,4096 --batch_size=32 --speed=off)
   DATA=(--max_tokens=100000000)
 fi
+[ "$FINETUNE_TOKENS" -gt 0 ] 2> /dev/null ||
+  { echo "FINETUNE_TOKENS=$FINETUNE_TOKENS: give a count of tokens above 0 (every hybrid but gdn_kl_seqlen's is" \
+      "finetuned)" >&2; exit 2; }
 steps() { echo $(( ($1 + BATCH * SEQ_LEN - 1) / (BATCH * SEQ_LEN) )); }   # steps that hold at least $1 tokens
 SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
@@ -69,7 +72,8 @@ RULER_ARGS=()   # the final evals', not the curve's
 # gdn_kl_seqlen: Stage 1, then at 8192 and 2048 a 20M-token distill (~3 and ~2 min, guessed from the 4096 ones) and
 # the curve's eval (~1 min each)
 declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=15 [seqlen]=12)
-SMALL_HYBRID_MIN=5   # of a small part's 15: select, distill 12.5M, finetune and eval of one of its two hybrids
+# of the parts with two hybrids, each hybrid's share (select, distill, finetune, eval): what a cut part has left
+declare -A HYBRID_MIN=([small]=5 [seqlen]=4)
 
 parts() {
   for s in "${STUDENTS[@]}"; do echo "score_$s"; done
@@ -195,7 +199,12 @@ part() {  # checks, the student's lock, the GPU log, the stages, then `done`
 }
 
 stages() {  # stages STUDENT METHOD SIZE: Stage 1, then the part's own stages
-  local method=$2 size=$3 src=""
+  local method=$2 size=$3 src="" L
+  if [ "$size" = seqlen ]; then   # before Stage 1's minutes
+    for L in $SEQLENS; do
+      [ $((BATCH * SEQ_LEN % L)) = 0 ] || { echo "SEQLENS: $L does not divide BATCH x SEQ_LEN" >&2; return 2; }
+    done
+  fi
   stage1 "$1" || return 1
   [ "$method" = kl ] && src="--scores=$RES/score_$1/scores.json"
   if [ -z "$method" ]; then   # every layer scored
@@ -204,12 +213,10 @@ stages() {  # stages STUDENT METHOD SIZE: Stage 1, then the part's own stages
   elif [ "$method" = linear ]; then   # the all-linear bound
     hybrid linear none "$DISTILL_TOKENS"
   elif [ "$size" = seqlen ]; then   # the 25% hybrid up to the last snapshot, at each length: same tokens per step
-    local L
     for L in $SEQLENS; do
-      [ $((BATCH * SEQ_LEN % L)) = 0 ] || { echo "SEQLENS: $L does not divide BATCH x SEQ_LEN" >&2; return 2; }
-      (BATCH=$((BATCH * SEQ_LEN / L)) SEQ_LEN=$L FINETUNE_TOKENS=0 PROMPTS=$(( (PROMPTS + 3) / 4 )) RULER_ARGS=()
-       SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
-       hybrid "kl_25_s$L" "--method=kl --budget=0.25 $src" "${SNAPSHOTS##*,}") || return 1
+      (BATCH=$((BATCH * SEQ_LEN / L)) SEQ_LEN=$L FINETUNE_TOKENS=0 PROMPTS=$(( (PROMPTS + 3) / 4 )) RULER=0
+       RULER_ARGS=() SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
+       hybrid "kl_25_s$L" "--method=kl --budget=0.25 $src" "${SNAPSHOTS##*,}") || return   # its status: 2 = refused
     done
   elif [ "$size" = 25 ]; then
     hybrid "${method}_25" "--method=$method --budget=0.25 $src" "$DISTILL_TOKENS" "$SNAPSHOTS"
@@ -229,7 +236,7 @@ case "${1:-status}" in
         est=${ESTIMATE_MIN[${p%%_*}]:-${ESTIMATE_MIN[${p##*_}]}}
         note="" kept=$(finished "$p")
         [ -f "$RES/$p/times.txt" ] && note="; cut short, it resumes with the hybrids it finished: $kept"
-        [[ $p == *_small ]] && est=$((est - SMALL_HYBRID_MIN * $(wc -w <<< "$kept")))
+        est=$((est - ${HYBRID_MIN[${p##*_}]:-0} * $(wc -w <<< "$kept")))
         left=$((left + est))
         echo "  pending  $p  (~$est GPU-min on one H200, estimated$note)"
       fi
