@@ -58,6 +58,11 @@ def save_plot(path, draw, size, what):
     return f"{what}: {os.path.basename(path)}"
 
 
+def labelled(models, prefix):
+    """The model of an eval (eval.json's models) whose label starts with prefix ("finetune", "distill"), or None."""
+    return next((m for label, m in models.items() if label.startswith(prefix)), None)
+
+
 def softmax_layers(m):
     """How many of an eval's model's layers kept softmax attention."""
     return sum(x == "attn" for x in m["mixers"])
@@ -110,8 +115,7 @@ def seqlen_lines(evals, part_of, res, se):
     rows = {}   # (student, length, from the curve) -> the model's eval
     for (student, name), models in evals.items():
         if name.startswith("kl_25_s"):
-            rows[(student, int(name[len("kl_25_s"):]), False)] = next(m for label, m in models.items()
-                                                                        if label.startswith("distill"))
+            rows[(student, int(name[len("kl_25_s"):]), False)] = labelled(models, "distill")
     for student in {s for s, _, _ in rows}:
         part = os.path.join(res, part_of.get((student, "kl_25"), ""))
         if os.path.exists(os.path.join(part, "kl_25", "eval_curve.json")):
@@ -147,7 +151,7 @@ def main(cfg):
     # the SE bounds of the finetuned hybrids' evals (the table's), the largest of the others
     for path in sorted(glob.glob(os.path.join(cfg.res, "*", "*", "eval.json"))):
         ev = json.load(open(path))
-        if any(label.startswith("finetune") for label in ev["models"]):   # the table's evals
+        if labelled(ev["models"], "finetune"):   # the table's evals
             se.append(se_bound(ev))
         else:
             seqlen_se = max(seqlen_se, se_bound(ev))
@@ -163,7 +167,7 @@ def main(cfg):
     report = ["# The study: KL-guided selection at scale", ""]
     curves, curve_se, finals = {}, 0., {}   # (student, name) -> [(tokens, recall)], its evals' largest SE bound
     if se:   # a finetuned hybrid evaluated: the teacher as its eval saw it, with all the prompts
-        teacher = next(m["teacher"] for m in evals.values() if any(label.startswith("finetune") for label in m))
+        teacher = next(m["teacher"] for m in evals.values() if labelled(m, "finetune"))
         lines = ["| model | recall | 1K / 2K / 4K | retention 1K / 2K / 4K | KL | ppl |", "|---|---|---|---|---|---|",
                  row("teacher", teacher, teacher)]
         tasks = list(teacher["recall"]["by_task"])   # where the recall is lost: per task, over the lengths
@@ -172,7 +176,7 @@ def main(cfg):
         by_task = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
                    task_row("teacher", teacher)]
         for (student, name), models in sorted(evals.items()):
-            final = next((m for label, m in models.items() if label.startswith("finetune")), None)
+            final = labelled(models, "finetune")
             if final is None:
                 continue
             finals[(student, name)] = final
@@ -184,7 +188,7 @@ def main(cfg):
                 cm = ev["models"]
                 curve_se = max(curve_se, se_bound(ev))   # the largest over the curves
                 snaps = {int(label.split("_")[1]): m for label, m in cm.items() if label.startswith("tokens_")}
-                distilled = next(m for label, m in cm.items() if label.startswith("distill"))
+                distilled = labelled(cm, "distill")
                 curves[(student, name)] = [(f"{n / 1e6:g}M", snaps[n]["recall"]["avg"]) for n in sorted(snaps)] + [
                     ("all distill tokens", distilled["recall"]["avg"]), ("finetuned", final["recall"]["avg"])]
         report += ["Recall: RULER's string_match_all over the six tasks of recall.py; retention = hybrid / teacher "

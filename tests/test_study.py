@@ -17,6 +17,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_report():
+    """results/report.py as a module (results/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "results", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
 def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     res = tmp_path / "res"
     # a stand-in nvidia-smi that writes a line every half second, as `-l 15` would every 15 s, until killed
@@ -127,10 +135,8 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
 
 def test_report_seqlen_sets_each_length_beside_the_curve_at_the_same_tokens(tmp_path):
     """The sequence-length check: each kl_25_s<L> hybrid's recall, ordered by length, beside its student's kl_25
-    curve at the last snapshot (the same tokens) at the length that kl_25's recipe says it was distilled at."""
-    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "results", "report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    curve at the last snapshot (the same tokens) at the length that kl_25's distill log says it was distilled at."""
+    report = load_report()
     rec = lambda avg: {"recall": {"avg": avg, "by_length": dict.fromkeys(report.LENGTHS, avg)}, "kl": 0.1}  # noqa: E731
     keep = tmp_path / "gdn_kl_25" / "kl_25"
     keep.mkdir(parents=True)
@@ -151,9 +157,7 @@ def test_report_seqlen_sets_each_length_beside_the_curve_at_the_same_tokens(tmp_
 def test_report_gaps_compare_one_student_and_budget():
     """The KL-guided hybrid's lead is taken over the other selections of its own student and budget, kl minus the
     other, per length too, with the standard error of a difference (sqrt(2) times one eval's)."""
-    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "results", "report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_report()
     rec = lambda avg, *by: {"recall": {"avg": avg, "by_length": dict(zip(report.LENGTHS, by))}}  # noqa: E731
     finals = {("gla", "kl_25"): rec(0.5, 0.6, 0.5, 0.4), ("gla", "uniform_25"): rec(0.2, 0.3, 0.2, 0.1),
               ("gla", "ga_s1_12"): rec(0.1, 0.1, 0.1, 0.1), ("gdn", "uniform_25"): rec(0.0, 0.0, 0.0, 0.0),
@@ -168,9 +172,7 @@ def test_report_gaps_compare_one_student_and_budget():
 def test_report_budget_lines_run_from_the_linear_student_by_softmax_layers():
     """The plot of recall against softmax layers: one line per student and method, its points ordered by the number
     of softmax layers, starting from the same student's all-linear point (and only where that exists)."""
-    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "results", "report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_report()
     m = lambda k, avg: {"mixers": ["attn"] * k + ["gla"] * (8 - k), "recall": {"avg": avg}}  # noqa: E731
     finals = {("gla", "kl_50"): m(4, 0.4), ("gla", "kl_12"): m(1, 0.2), ("gla", "linear"): m(0, 0.0),
               ("gla", "ga_s1_12"): m(1, 0.1), ("gdn", "kl_25"): m(2, 0.3)}
