@@ -68,10 +68,10 @@ RULER_ARGS=()   # the final evals', not the curve's
 # one 310 s (GLA, session 13), one of 12.5M ~93 s (GLA, session 13), finetune 56-93 s, eval 72-87 s and the curve's
 # 46-55 s; session 12's gdn_uniform_25 took 833 s in all, session 13's gla_ga_s1_25 789 s, session 14's GLA small
 # parts 503-524 s each from a Stage 1 on their machine (gla_kl_small's second half 548 s with its own Stage 1),
-# session 15's GDN ones 879 s with their own Stage 1 (244 s; gdn_kl_small) and 555 s from one (gdn_ga_s1_small)
-# gdn_kl_seqlen: Stage 1, then at 8192 and 2048 a 20M-token distill (~3 and ~2 min, guessed from the 4096 ones) and
-# the curve's eval (~1 min each)
-declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=15 [seqlen]=12)
+# session 15's GDN ones 879 s with their own Stage 1 (244 s; gdn_kl_small) and 555 s from one (gdn_ga_s1_small);
+# session 16's gdn_linear 848 s with its own Stage 1 (250 s) and gdn_kl_seqlen 514 s from one (distills of 20M
+# tokens 198 s at 8192 and 170 s at 2048, the curve's eval 49-50 s each), so ~13 minutes with its own
+declare -A ESTIMATE_MIN=([score]=11 [25]=15 [linear]=13 [small]=15 [seqlen]=13)
 # of the parts with two hybrids, each hybrid's share (select, distill, finetune, eval): what a cut part has left
 declare -A HYBRID_MIN=([small]=5 [seqlen]=4)
 
@@ -184,10 +184,10 @@ part() {  # checks, the student's lock, the GPU log, the stages, then `done`
   fi
   mkdir -p "$RES/$PART"
   if command -v nvidia-smi > /dev/null; then   # the GPU's clocks, power and use every 15 s: a part that ran slower
-    # than another says whether its GPU did
+    # than another says whether its GPU did; appended, so that a part resumed keeps its earlier runs' lines
     nvidia-smi -i "${CUDA_VISIBLE_DEVICES:-0}" --format=csv -l 15 \
       --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used \
-      > "$RES/$PART/gpu.csv" 2>&1 {lock}>&- & pid=$!   # the logger does not hold the lock: killed, it frees it
+      >> "$RES/$PART/gpu.csv" 2>&1 {lock}>&- & pid=$!   # the logger does not hold the lock: killed, it frees it
   fi
   stages "$student" "$method" "$size"; rc=$?
   [ -z "$pid" ] || { kill "$pid"; wait "$pid"; } 2> /dev/null
@@ -241,8 +241,10 @@ case "${1:-status}" in
         echo "  pending  $p  (~$est GPU-min on one H200, estimated$note)"
       fi
     done
-    echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~4 for each part that starts"
-    echo "from a Stage 1 already on its machine)" ;;
+    if [ "$left" = 0 ]; then echo "GPU time: $((spent / 60)) min spent on the parts, all done; \`python results/report.py\`"
+    else echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~4 for each part that"
+      echo "starts from a Stage 1 already on its machine)"
+    fi ;;
   next)
     # GPU i runs in its own OUT_DIR (GPU 0 in OUT_DIR itself, GPU i > 0 in OUT_DIR/gpu<i>), so two parts of one
     # student can run at once, each with its own Stage 1; each GPU takes first a part whose student's Stage 1 is

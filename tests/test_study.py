@@ -31,7 +31,7 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text('#!/bin/sh\necho "$$" >> "$(dirname "$0")/pids"\n'
-                                        'while true; do echo "12:00:00, 1980 MHz, $*"; sleep 0.5; done\n')
+                                        'while true; do echo "12:00:00, 1980 MHz, $$, $*"; sleep 0.5; done\n')
     (bin_dir / "nvidia-smi").chmod(0o755)
     env = dict(os.environ, PRESET="cpu", TEACHER=tiny_teacher, DATA_SRC=tiny_corpus, RES=str(res),
                OUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1", PYTHON=sys.executable,
@@ -87,11 +87,14 @@ def test_study_runs_in_parts_and_reports(tiny_teacher, tiny_corpus, tmp_path):
     assert r.returncode == 2 and "uniform_12" in r.stderr and "made by another recipe" in r.stderr and \
         "distill=1 " in r.stderr and "remove" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     earlier = sum(int(line.split()[1].rstrip("s")) for line in open(small / "times.txt") if line[:2] != "--")
+    gpu_log = (small / "gpu.csv").read_text()
     r = study("part", "gla_uniform_small")
     assert r.returncode == 0 and "uniform_12: kept from an earlier run" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     resumed = open(small / "times.txt").read().split("-- resumed")[-1].split()
     assert "distill_uniform_50" in resumed and not [s for s in resumed if s.endswith("uniform_12")], resumed
     assert (small / "uniform_50" / "eval.json").exists() and (small / "uniform_12" / "eval.json").exists()
+    after = (small / "gpu.csv").read_text()   # the resumed run's GPU log follows the earlier runs' (its own pid)
+    assert after.startswith(gpu_log) and len(after) > len(gpu_log), (gpu_log[-300:], after[:300])
     done = (small / "done").read_text()
     assert int(done.split("s")[0]) >= earlier and f"({earlier}s of it in an earlier run)" in done, done
     # next 2: GPU 0 takes a part of gla (its Stage 1 is in OUT_DIR), GPU 1 the first part in the list, in OUT_DIR/gpu1
@@ -178,3 +181,26 @@ def test_report_budget_lines_run_from_the_linear_student_by_softmax_layers():
               ("gla", "ga_s1_12"): m(1, 0.1), ("gdn", "kl_25"): m(2, 0.3)}
     assert report.budget_lines(finals) == {("gdn", "kl"): [(2, 0.3)], ("gla", "ga_s1"): [(0, 0.0), (1, 0.1)],
                                            ("gla", "kl"): [(0, 0.0), (1, 0.2), (4, 0.4)]}
+
+
+def test_status_sums_the_parts_and_says_when_all_are_done(tmp_path):
+    """status adds each done part's seconds (its `done` line) and, with none pending, says so instead of an
+    estimate of what is left."""
+    env = dict(os.environ, RES=str(tmp_path / "res"), OUT_DIR=str(tmp_path / "out"))
+
+    def status():
+        r = subprocess.run(["bash", "results/reproduce.sh", "status"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    parts = re.findall(r"pending  (\w+)", status())
+    assert len(parts) == 17 and "gdn_kl_seqlen" in parts, parts
+    for p in parts:
+        (tmp_path / "res" / p).mkdir(parents=True)
+        (tmp_path / "res" / p / "done").write_text("120s on cpu at abc 2026-12-01\n")
+    out = status()
+    assert "pending" not in out and f"GPU time: {len(parts) * 2} min spent on the parts, all done" in out, out
+    (tmp_path / "res" / parts[-1] / "done").unlink()
+    out = status()
+    assert f"GPU time: {(len(parts) - 1) * 2} min spent on the parts done, ~" in out and "all done" not in out, out
