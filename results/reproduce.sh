@@ -241,7 +241,8 @@ case "${1:-status}" in
         echo "  pending  $p  (~$est GPU-min on one H200, estimated$note)"
       fi
     done
-    if [ "$left" = 0 ]; then echo "GPU time: $((spent / 60)) min spent on the parts, all done; \`python results/report.py\`"
+    if [ "$left" = 0 ]; then
+      echo "GPU time: $((spent / 60)) min spent on the parts, all done; \`python results/report.py\`"
     else echo "GPU time: $((spent / 60)) min spent on the parts done, ~$left min left (less ~4 for each part that"
       echo "starts from a Stage 1 already on its machine)"
     fi ;;
