@@ -58,7 +58,7 @@ fi
   { echo "FINETUNE_TOKENS=$FINETUNE_TOKENS: give a count of tokens above 0 (every hybrid but gdn_kl_seqlen's is" \
       "finetuned)" >&2; exit 2; }
 steps() { echo $(( ($1 + BATCH * SEQ_LEN - 1) / (BATCH * SEQ_LEN) )); }   # steps that hold at least $1 tokens
-SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
+shape() { echo "--batch_size=$BATCH --seq_len=$SEQ_LEN"; }   # the training shape, from BATCH and SEQ_LEN as set
 RULER_TASKS="niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe"
 RULER_ARGS=()   # the final evals', not the curve's
 [ "${RULER:-0}" = 1 ] && RULER_ARGS=(--lm_eval="$RULER_TASKS" --lm_eval_limit="$PROMPTS")
@@ -105,12 +105,12 @@ stage1() {  # data, Stage 0 and Stage 1 of student $1 in run $RUN (each skipped 
   { [ -f "$OUT_DIR/$RUN/transfer/ckpt.pt" ] ||   # written atomically: there = complete
     st transfer $PY transfer.py --run_name="$RUN" --out_dir="$OUT_DIR" --teacher="$TEACHER" --mixer="$1"; } &&
   st align $PY align.py --run_name="$RUN" --out_dir="$OUT_DIR" --resume=true --steps="$(steps "$ALIGN_TOKENS")" \
-    "${SHAPE[@]}" --save_every=200
+    $(shape) --save_every=200
 }
 
 recipe() {  # recipe NAME TOKENS SNAPSHOTS: what makes a hybrid, but the machine's paths (one line, in recipe.txt)
   echo "hybrid=$1 teacher=${TEACHER:-default} data=${DATA[*]} align=$(steps "$ALIGN_TOKENS") distill=$(steps "$2")" \
-    "snapshots=$3 finetune=$(steps "$FINETUNE_TOKENS") shape=${SHAPE[*]} eval=--prompts=$PROMPTS ${EVAL[*]}" \
+    "snapshots=$3 finetune=$(steps "$FINETUNE_TOKENS") shape=$(shape) eval=--prompts=$PROMPTS ${EVAL[*]}" \
     "ruler=${RULER:-0}"
 }
 
@@ -136,13 +136,13 @@ hybrid() {  # hybrid NAME SELECT_ARGS TOKENS [SNAPSHOTS]: select, distill, finet
     layers=(--selection="$d/select/selection_$name.json")
   fi
   st "distill_$name" $PY distill.py --run_name="$RUN" --out_dir="$OUT_DIR" "${layers[@]}" --out="distill_$name" \
-    --resume=true --steps="$(steps "$tokens")" "${SHAPE[@]}" --save_every=200 --valid_batches=16 --snapshots="$snaps" ||
+    --resume=true --steps="$(steps "$tokens")" $(shape) --save_every=200 --valid_batches=16 --snapshots="$snaps" ||
     return 1
   local final="$d/distill_$name/ckpt.pt"   # FINETUNE_TOKENS=0: the distilled model is evaluated
   if [ "$FINETUNE_TOKENS" != 0 ]; then
     final="$d/finetune_$name/ckpt.pt"
     st "finetune_$name" $PY finetune.py --run_name="$RUN" --out_dir="$OUT_DIR" --input="$d/distill_$name/ckpt.pt" \
-      --out="finetune_$name" --resume=true --steps="$(steps "$FINETUNE_TOKENS")" "${SHAPE[@]}" --kl_weight=0.5 \
+      --out="finetune_$name" --resume=true --steps="$(steps "$FINETUNE_TOKENS")" $(shape) --kl_weight=0.5 \
       --save_every=200 --valid_batches=16 || return 1
   fi
   st "eval_$name" $PY eval.py --run_name="$RUN" --out_dir="$OUT_DIR" --models="$final" \
@@ -215,7 +215,7 @@ stages() {  # stages STUDENT METHOD SIZE: Stage 1, then the part's own stages
   elif [ "$size" = seqlen ]; then   # the 25% hybrid up to the last snapshot, at each length: same tokens per step
     for L in $SEQLENS; do
       (BATCH=$((BATCH * SEQ_LEN / L)) SEQ_LEN=$L FINETUNE_TOKENS=0 PROMPTS=$(( (PROMPTS + 3) / 4 )) RULER=0
-       RULER_ARGS=() SHAPE=(--batch_size="$BATCH" --seq_len="$SEQ_LEN")
+       RULER_ARGS=()
        hybrid "kl_25_s$L" "--method=kl --budget=0.25 $src" "${SNAPSHOTS##*,}") || return   # its status: 2 = refused
     done
   elif [ "$size" = 25 ]; then
